@@ -1,0 +1,456 @@
+"""lora_lab's benchmark suite: is LoRA actually cheaper here, and by how much?
+
+    python benchmarks/bench.py              # the full run (several minutes on 2 CPU cores)
+    python benchmarks/bench.py --quick      # a seconds-long smoke run (CI); judges nothing
+    python benchmarks/bench.py --json out.json --threads 2
+
+Every figure is a RATIO of two things measured side by side in this one run, so that the
+machine's speed cancels out: after warm-up, the contenders run in alternating rounds (A, B,
+C, A, B, C, ... with the order rotated each round), each round yields one ratio, and the
+table shows the median over rounds. Drift and other processes then slow both sides of a
+ratio alike, and one disturbed round moves the median little. Absolute times are in the JSON.
+
+Rows (goals from /work/shared/notes/lora-cost.md and the course's claims):
+  * LoRA training step / full fine-tuning step, same model and batch (goal ≤ 0.75; the FLOP
+    model's floor is a little above 2/3), on the "cpu" profile's model and on a d=384,
+    4-layer, 7.2M-parameter GPT with batch 32×128 (the note's setting);
+  * lora_lab's step / Hugging Face PEFT's step, same targets and rank (goal ≤ 0.80), plus
+    loralib, the plain readable path and the seed's layer as contrasts (no goal);
+  * inference, no_grad and eval: unmerged LoRA forward / base forward (goal ≤ 1.05), and the
+    ``merge_lora`` copy / base (goal 1.00, within ±0.03 of noise);
+  * generation, 256 new tokens: recomputing the context / using the KV cache (goal ≥ 3×);
+  * peak resident memory (RSS high-water mark, each run in a fresh process) of a LoRA
+    training step / a full fine-tuning step on the "seed" profile's model (goal ≤ 0.75).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing lora_lab
+
+from variants import TARGETS, build_variant  # noqa: E402
+
+from lora_lab import apply_lora_to_model, merge_lora  # noqa: E402
+from lora_lab.model import GPT, GPTConfig  # noqa: E402
+from lora_lab.seeding import make_generator, seed_everything  # noqa: E402
+
+DEFAULT_JSON = HERE / "results" / "latest.json"
+# A character-level vocabulary (tiny-shakespeare's has 65 symbols). It only sizes the
+# embedding and lm_head, about 1% of a step at these widths.
+VOCAB_SIZE = 65
+RANK, ALPHA = 4, 1.0  # the seed's LoRA recipe
+LR = 1e-3  # the seed's LoRA learning rate; the same for every contender (it does not change the cost)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ModelSetting:
+    """A model to benchmark and the batch it trains on."""
+
+    label: str
+    config: GPTConfig
+    batch_size: int
+    note: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.config.block_size
+
+    def describe(self) -> str:
+        c = self.config
+        params = GPT(c).num_parameters() / 1e6
+        text = (f"{self.label}: d={c.n_embd}, {c.n_layer} layers, {c.n_head} heads, block {c.block_size}, "
+                f"vocab {c.vocab_size}, {params:.2f}M params, batch {self.batch_size}×{c.block_size}")
+        return text + (f" [{self.note}]" if self.note else "")
+
+
+def _profile_setting(name: str, fallback: dict, fallback_batch: int) -> ModelSetting:
+    """The model of ``lora_lab.profiles.PROFILES[name]``, or ``fallback`` (flagged) without it."""
+    try:
+        from lora_lab.profiles import PROFILES
+
+        p = PROFILES[name]
+        config = GPTConfig(vocab_size=VOCAB_SIZE, block_size=p.block_size, n_layer=p.n_layer, n_head=p.n_head,
+                           n_embd=p.n_embd, dropout=0.0)
+        return ModelSetting(f"{name} profile", config, p.batch_size)
+    except (ImportError, KeyError, AttributeError):
+        config = GPTConfig(vocab_size=VOCAB_SIZE, dropout=0.0, **fallback)
+        return ModelSetting(f"{name} profile", config, fallback_batch,
+                            note=f"lora_lab.profiles has no {name!r} profile: a stand-in config")
+
+
+def full_settings() -> dict[str, ModelSetting]:
+    return {
+        "cpu": _profile_setting("cpu", dict(block_size=128, n_layer=4, n_head=4, n_embd=128), 32),
+        "7m": ModelSetting("7.2M GPT", GPTConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=4, n_head=6,
+                                                  n_embd=384, dropout=0.0), 32, note="lora-cost.md's setting"),
+        "seed": _profile_setting("seed", dict(block_size=256, n_layer=4, n_head=6, n_embd=384), 64),
+    }
+
+
+def quick_settings() -> dict[str, ModelSetting]:
+    tiny = GPTConfig(vocab_size=VOCAB_SIZE, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    return {key: ModelSetting(f"{key} (quick: tiny)", tiny, 2) for key in ("cpu", "7m", "seed")}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    quick: bool
+    rounds: int  # timed rounds per comparison (each yields one ratio)
+    warmup: int  # untimed calls of each contender first (allocations, optimiser state)
+    gen_tokens: int
+    gen_rounds: int
+    models: dict[str, ModelSetting]
+
+
+def run_settings(quick: bool, rounds: int | None) -> RunSettings:
+    if quick:
+        return RunSettings(True, rounds or 2, 1, 8, 1, quick_settings())
+    return RunSettings(False, rounds or 7, 2, 256, 3, full_settings())
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def machine_description(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": _load_average(),
+    }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def race(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int, bar: tqdm | None = None) -> dict:
+    """Time each contender once per round, in an order rotated every round; per-round times."""
+    names = list(contenders)
+    for name in names:
+        for _ in range(warmup):
+            contenders[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    # Autograd graphs are freed by reference counting, so the cyclic collector is not needed
+    # while racing; a collection landing inside one contender's timing would bias it.
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                times[name].append(_timed(contenders[name]))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        gc.enable()
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of the per-round ratio: both sides of one ratio ran back to back."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator], strict=True))
+
+
+@dataclass
+class Row:
+    id: str
+    description: str
+    ratio: float
+    goal: float | None = None
+    goal_kind: str = "<="  # "<=", ">=", or "≈" (within `tolerance` of `goal`)
+    tolerance: float = 0.0
+    details: dict = dataclasses.field(default_factory=dict)
+    passed: bool | None = None
+
+    def judge(self, quick: bool) -> None:
+        if self.goal is None or quick or not math.isfinite(self.ratio):
+            self.passed = None
+        elif self.goal_kind == "<=":
+            self.passed = self.ratio <= self.goal
+        elif self.goal_kind == ">=":
+            self.passed = self.ratio >= self.goal
+        else:
+            self.passed = abs(self.ratio - self.goal) <= self.tolerance
+
+    def goal_text(self) -> str:
+        if self.goal is None:
+            return "(contrast)"
+        if self.goal_kind == "≈":
+            return f"{self.goal:.2f} ±{self.tolerance:.2f}"
+        return f"{'≤' if self.goal_kind == '<=' else '≥'} {self.goal:.2f}"
+
+    def mark(self) -> str:
+        return {True: "pass", False: "FAIL", None: "-"}[self.passed]
+
+
+# --------------------------------------------------------------------------- the benchmarks
+
+
+def _batch(setting: ModelSetting, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = make_generator(seed)
+    shape = (setting.batch_size, setting.config.block_size)
+    return (torch.randint(0, setting.config.vocab_size, shape, generator=g),
+            torch.randint(0, setting.config.vocab_size, shape, generator=g))
+
+
+def _base_model(setting: ModelSetting, seed: int = 0) -> GPT:
+    seed_everything(seed, deterministic=False)
+    return GPT(setting.config)
+
+
+def training_step(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+    """One optimiser step as a training loop runs it: zero grads, forward, backward, AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = model(idx, targets)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_training(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm | None) -> list[Row]:
+    base = _base_model(setting)
+    idx, targets = _batch(setting, seed=1)
+    names = ("full", "lora_lab", "peft", "loralib", "lora_lab_plain", "seed")
+    steps = {name: training_step(build_variant(name, base, RANK, ALPHA), idx, targets) for name in names}
+    times = race(steps, run.rounds, run.warmup, bar)
+    details = {"model": setting.describe(), "rounds": run.rounds,
+               "median_seconds": {n: statistics.median(t) for n, t in times.items()}}
+    where = f"{setting.label}, r={RANK} on {','.join(TARGETS)}"
+    rows = [
+        Row(f"train.{key}.lora_lab_vs_full", f"LoRA step / full fine-tuning step ({where})",
+            median_ratio(times, "lora_lab", "full"), 0.75, details=details),
+        Row(f"train.{key}.lora_lab_vs_peft", f"lora_lab LoRA step / PEFT LoRA step ({setting.label})",
+            median_ratio(times, "lora_lab", "peft"), 0.80, details=details),
+        Row(f"train.{key}.lora_lab_vs_loralib", f"lora_lab LoRA step / loralib LoRA step ({setting.label})",
+            median_ratio(times, "lora_lab", "loralib"), details=details),
+    ]
+    for name, what in (("peft", "PEFT"), ("loralib", "loralib"), ("lora_lab_plain", "plain readable path"),
+                       ("seed", "seed's layer (materialises B·Aᵀ)")):
+        rows.append(Row(f"train.{key}.{name}_vs_full", f"{what} step / full fine-tuning step ({setting.label})",
+                        median_ratio(times, name, "full"), details=details))
+    return rows
+
+
+def bench_inference(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm | None) -> list[Row]:
+    base = _base_model(setting).eval()
+    lora = apply_lora_to_model(base, RANK, ALPHA, target_modules=list(TARGETS)).eval()
+    with torch.no_grad():  # a trained adapter: B ≠ 0 (zeros could only flatter the timing)
+        for name, param in lora.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0.0, 0.02, generator=make_generator(2))
+    merged = merge_lora(lora).eval()
+    idx, _ = _batch(setting, seed=1)
+
+    def forward(model: torch.nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():
+                model(idx)
+        return call
+
+    times = race({"base": forward(base), "unmerged": forward(lora), "merged": forward(merged)},
+                 run.rounds, run.warmup, bar)
+    details = {"model": setting.describe(), "rounds": run.rounds,
+               "median_seconds": {n: statistics.median(t) for n, t in times.items()}}
+    return [
+        Row(f"infer.{key}.unmerged_vs_base", f"unmerged LoRA forward / base forward, no_grad ({setting.label})",
+            median_ratio(times, "unmerged", "base"), 1.05, details=details),
+        Row(f"infer.{key}.merged_vs_base", f"merge_lora copy forward / base forward, no_grad ({setting.label})",
+            median_ratio(times, "merged", "base"), 1.00, "≈", 0.03, details=details),
+    ]
+
+
+def bench_generation(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm | None) -> list[Row]:
+    base = _base_model(setting)
+    model = apply_lora_to_model(base, RANK, ALPHA, target_modules=list(TARGETS)).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)  # one token: the context grows to prompt + new tokens
+    n = run.gen_tokens
+    calls = {
+        "no_cache": lambda: model.generate(prompt, n, temperature=0.0, use_cache=False),
+        "cache": lambda: model.generate(prompt, n, temperature=0.0, use_cache=True),
+    }
+    times = race(calls, run.gen_rounds, 1, bar)
+    same = torch.equal(calls["cache"](), calls["no_cache"]())
+    details = {"model": setting.describe(), "new_tokens": n, "prompt_tokens": 1, "rounds": run.gen_rounds,
+               "same_tokens_with_and_without_cache": same,
+               "median_seconds": {k: statistics.median(t) for k, t in times.items()}}
+    if 1 + n > setting.config.block_size:
+        details["note"] = (f"the context outgrows block_size={setting.config.block_size} after "
+                           f"{setting.config.block_size - 1} tokens: past that, the cache is rebuilt at every step")
+    return [Row(f"generate.{key}.no_cache_vs_cache",
+                f"generation, {n} new tokens: recomputing the context / KV cache ({setting.label}, LoRA unmerged)",
+                median_ratio(times, "no_cache", "cache"), 3.0, ">=", details=details)]
+
+
+# ---- peak memory, each contender in a fresh process (RSS high-water marks never go down)
+
+
+def memory_child(spec: dict) -> dict:
+    """Run in a fresh process: build the model, train ``steps`` steps, report RSS high-water marks."""
+    torch.set_num_threads(spec["threads"])
+    setting = ModelSetting("child", GPTConfig.from_dict(spec["config"]), spec["batch_size"])
+    after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _base_model(setting)
+    model = base if spec["variant"] == "full" else build_variant(spec["variant"], base, RANK, ALPHA)
+    del base
+    gc.collect()
+    idx, targets = _batch(setting, seed=1)
+    step = training_step(model, idx, targets)
+    for _ in range(spec["steps"]):  # the 2nd step runs with AdamW's state allocated: the steady state
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+    return {"variant": spec["variant"], "after_import_mb": after_import / scale, "peak_mb": peak / scale}
+
+
+def _run_memory_child(spec: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory measurement for {spec['variant']!r} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(key: str, setting: ModelSetting, run: RunSettings, threads: int, bar: tqdm | None) -> list[Row]:
+    spec = {"config": setting.config.to_dict(), "batch_size": setting.batch_size, "threads": threads, "steps": 2}
+    results = {}
+    for variant in ("full", "lora_lab"):
+        results[variant] = _run_memory_child({**spec, "variant": variant})
+        if bar is not None:
+            bar.update(1)
+    full, lora = results["full"], results["lora_lab"]
+    # What training adds above the interpreter and torch's libraries (the same in both runs);
+    # a tiny model (--quick) may never rise above the import's own high-water mark.
+    added = {k: r["peak_mb"] - r["after_import_mb"] for k, r in results.items()}
+    details = {
+        "model": setting.describe(), "steps": spec["steps"], **{f"{k}_mb": v for k, v in results.items()},
+        "above_import_ratio": added["lora_lab"] / added["full"] if added["full"] > 0 else None,
+    }
+    return [Row(f"memory.{key}.lora_lab_vs_full", f"peak RSS, LoRA step / full fine-tuning step ({setting.label})",
+                lora["peak_mb"] / full["peak_mb"], 0.75, details=details)]
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run_all(run: RunSettings, threads: int) -> list[Row]:
+    models = run.models
+    n_races = 2 * run.rounds + run.rounds * 2 + run.gen_rounds + 2
+    with tqdm(total=n_races, desc="benchmark rounds", disable=run.quick, file=sys.stderr) as bar:
+        rows = []
+        for key in ("cpu", "7m"):
+            rows += bench_training(key, models[key], run, bar)
+        for key in ("cpu", "7m"):
+            rows += bench_inference(key, models[key], run, bar)
+        rows += bench_generation("seed", models["seed"], run, bar)
+        rows += bench_memory("seed", models["seed"], run, threads, bar)
+    for row in rows:
+        row.judge(run.quick)
+    return rows
+
+
+def print_report(machine: dict, run: RunSettings, rows: Sequence[Row]) -> None:
+    print("lora_lab benchmark" + ("  (--quick: tiny sizes, nothing judged)" if run.quick else ""))
+    print(f"  CPU: {machine['cpu']}, {machine['logical_cores']} logical cores; torch {machine['torch']}, "
+          f"{machine['torch_threads']} threads; Python {machine['python']}")
+    print(f"  load average at start: {machine['load_average_at_start']}, at end: {machine.get('load_average_at_end')}"
+          " (other processes slow both sides of a ratio, but add noise)")
+    for setting in run.models.values():
+        print(f"  model {setting.describe()}")
+    print(f"  medians of {run.rounds} alternating rounds after {run.warmup} warm-up calls each "
+          f"(generation: {run.gen_rounds} rounds)\n")
+    width = max(len(r.description) for r in rows)
+    print(f"{'measurement':<{width}}  {'ratio':>7}  {'goal':>11}  mark")
+    for row in rows:
+        print(f"{row.description:<{width}}  {row.ratio:7.3f}  {row.goal_text():>11}  {row.mark()}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run on tiny sizes; judges nothing")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write results (default {DEFAULT_JSON})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: all cores; 1 with --quick, where thread start-up would dominate)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7; quick 2)")
+    parser.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.quick else (os.cpu_count() or 1)
+    if args.threads < 1 or (args.rounds is not None and args.rounds < 1):
+        parser.error("--threads and --rounds must be positive integers")
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+
+    torch.set_num_threads(args.threads)
+    run = run_settings(args.quick, args.rounds)
+    machine = machine_description(torch.get_num_threads())
+    rows = run_all(run, torch.get_num_threads())
+    machine["load_average_at_end"] = _load_average()
+    print_report(machine, run, rows)
+
+    payload = {
+        "quick": run.quick,
+        "machine": machine,
+        "settings": {"rounds": run.rounds, "warmup": run.warmup, "generation_tokens": run.gen_tokens,
+                     "generation_rounds": run.gen_rounds, "rank": RANK, "alpha": ALPHA, "targets": list(TARGETS),
+                     "models": {k: {"description": s.describe(), "config": s.config.to_dict(),
+                                    "batch_size": s.batch_size} for k, s in run.models.items()}},
+        "rows": [dataclasses.asdict(row) for row in rows],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_name(args.json.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, args.json)  # atomic: a reader never sees half a file
+    print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""Saving and loading LoRA adapters in Hugging Face PEFT's on-disk format.
+
+A PEFT LoRA adapter (as checked with peft 0.21) is a directory holding two files:
+
+- ``adapter_model.safetensors``: for each adapted ``nn.Linear`` at module path ``<path>``,
+  ``base_model.model.<path>.lora_A.weight`` of shape ``(r, in)`` and ``...lora_B.weight`` of shape
+  ``(out, r)``: lora_lab's own layout, so nothing is transposed;
+- ``adapter_config.json``: ``r``, ``lora_alpha`` and ``use_rslora`` (which fix the scaling ``α/r``
+  or ``α/√r``), ``target_modules`` and PEFT's bookkeeping.
+
+``load_adapter`` is stricter than PEFT. PEFT only *warns* about adapter weights it cannot place
+and leaves those layers' B at zero, so a misnamed adapter silently does nothing. Here every
+mismatch is an error, and the model is written only after everything has been checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .inject import lora_modules
+from .io import atomic_save_safetensors, atomic_write_json
+from .layers import LoRALinear
+
+__all__ = ["save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+# PEFT names a tensor after the wrapped model's path (PeftModel.base_model.model); the key it gets from
+# PeftModel.state_dict() also holds the adapter name ("default"), which save_pretrained strips. Accept both.
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight")
+_KEY_WITHOUT_PREFIX = re.compile(r".+\.lora_[AB](?:\.default)?\.weight")
+
+# Config fields read and checked below. Every other field must be "off" (null, false, {} or []) unless it
+# is listed as inert: inert fields name things, matter only while training or initialising, or choose
+# which layers PEFT wraps (the tensor names, checked one by one, say that exactly).
+_CHECKED_FIELDS = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias"}
+_INERT_FIELDS = {
+    "init_lora_weights",  # how A and B started; the exceptions below are refused
+    "peft_version", "base_model_name_or_path", "revision", "task_type", "auto_mapping", "inference_mode",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout",
+    "megatron_config", "megatron_core", "qalora_group_size", "eva_config", "ensure_weight_tying",
+    "fan_in_fan_out",  # only says how PEFT stores a Conv1D *base* weight; lora_A/B keep the layout above
+}  # fmt: skip
+# These initialisations rewrite the base weights (e.g. PiSSA stores W - B0 A0), so their A and B only fit
+# that modified base. PEFT can convert them to plain LoRA when saving (path_initial_model_for_weight_conversion).
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def _settings(layer: LoRALinear) -> tuple[int, float, bool, float]:
+    dropout = layer.lora.dropout.p if isinstance(layer.lora.dropout, nn.Dropout) else 0.0
+    return layer.lora.rank, layer.lora.alpha, layer.lora.use_rslora, dropout
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA adapters to ``directory`` as a PEFT adapter, readable by
+    ``peft.PeftModel.from_pretrained(base_model, directory)`` and by :func:`load_adapter`.
+
+    Merged layers are saved too (merging changes only the base weight, never A and B). All layers
+    must share one rank, alpha, use_rslora and dropout: PEFT's config can express per-layer values
+    only through ``rank_pattern`` / ``alpha_pattern`` regexes, which this writer does not produce.
+    Both files are written atomically; on any error nothing is written. Returns the directory.
+    """
+    directory = Path(directory)
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save; adapt it first with lora_lab.apply_lora_to_model")
+    if "" in layers:
+        raise ValueError("the model itself is a LoRALinear; PEFT names layers by submodule path: wrap it in a module")
+    settings = {name: _settings(layer) for name, layer in layers.items()}
+    if len(set(settings.values())) > 1:
+        raise ValueError(
+            "the model's LoRA layers differ in (rank, alpha, use_rslora, dropout), but PEFT's adapter_config.json "
+            f"holds one value of each (lora_lab does not write rank_pattern/alpha_pattern): {settings}. "
+            "Adapt all layers with one apply_lora_to_model call; nothing was saved"
+        )
+    for name, layer in layers.items():
+        for factor in ("lora_A", "lora_B"):
+            if not torch.isfinite(getattr(layer.lora, factor)).all():
+                raise ValueError(f"{name}.lora.{factor} holds NaN or inf; the adapter is broken and was not saved")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory; an adapter is saved as a directory")
+
+    rank, alpha, use_rslora, dropout = next(iter(settings.values()))
+    tensors = {
+        f"base_model.model.{name}.lora_{factor}.weight": getattr(layer.lora, f"lora_{factor}").detach()
+        for name, layer in layers.items()
+        for factor in "AB"
+    }
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True, "r": rank, "use_rslora": use_rslora, "lora_dropout": dropout,
+        "lora_alpha": int(alpha) if alpha.is_integer() else alpha,  # 8, not 8.0, as PEFT writes what users type
+        # Full module names: PEFT matches a list entry exactly or as a dotted suffix, so a full name picks that
+        # layer, where a short name such as "q" could also pick same-named layers lora_lab did not adapt.
+        "target_modules": sorted(layers), "rank_pattern": {}, "alpha_pattern": {},
+        "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "use_dora": False, "lora_bias": False,
+        "layers_to_transform": None, "layers_pattern": None,
+        "init_lora_weights": True,  # how A started does not matter once trained weights are loaded
+    }  # fmt: skip
+    atomic_save_safetensors(directory / ADAPTER_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    atomic_write_json(directory / ADAPTER_CONFIG_NAME, dict(sorted(config.items())))  # sorted, as PEFT writes it
+    return directory
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _is_regex(value: object) -> bool:
+    try:
+        return isinstance(value, str) and re.compile(value) is not None
+    except re.error:
+        return False
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / ADAPTER_CONFIG_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist (or is not a directory)")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: an adapter directory holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}, "
+            "as written by lora_lab.save_adapter or PEFT's save_pretrained"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the adapter is corrupt, save it again") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path} has peft_type={config.get('peft_type')!r}; only LoRA adapters ('LORA') load here")
+    if not _is_positive_int(config.get("r")):
+        raise ValueError(f"{path}: r must be a positive int, got {config.get('r')!r}")
+    if not _is_positive_number(config.get("lora_alpha")):
+        raise ValueError(f"{path}: lora_alpha must be a positive number, got {config.get('lora_alpha')!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    for field, valid in (("rank_pattern", _is_positive_int), ("alpha_pattern", _is_positive_number)):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict) or not all(valid(v) and _is_regex(k) for k, v in patterns.items()):
+            raise ValueError(f"{path}: {field} must map module-name regexes to positive numbers, got {patterns!r}")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path} has bias={config['bias']!r}: it also trained base biases, which lora_lab cannot load")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(
+            f"{path} has init_lora_weights={init!r}, which rewrites the base weights, so its A and B do not fit the "
+            "original base model; convert it to plain LoRA with PEFT (path_initial_model_for_weight_conversion)"
+        )
+    unsupported = [f"{k}={v!r}" for k, v in config.items() if v and k not in _CHECKED_FIELDS | _INERT_FIELDS]
+    if unsupported:
+        raise ValueError(
+            f"{path} uses PEFT features lora_lab does not implement ({', '.join(unsupported)}); only plain LoRA on "
+            "nn.Linear loads here, since anything else would not compute what PEFT computes"
+        )
+    return config
+
+
+def _expected(config: dict[str, Any], name: str) -> tuple[int, float, bool]:
+    """The rank, alpha and use_rslora PEFT would give module ``name``: the first rank_pattern /
+    alpha_pattern key that regex-matches the name's end (PEFT's ``get_pattern_key``), else r / lora_alpha."""
+
+    def lookup(patterns: dict[str, Any] | None, default: Any) -> Any:
+        for pattern, value in (patterns or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", name):
+                return value
+        return default
+
+    r = lookup(config.get("rank_pattern"), config["r"])
+    alpha = lookup(config.get("alpha_pattern"), config["lora_alpha"])
+    return r, float(alpha), config.get("use_rslora", False)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the adapter directory lacks its weights file")
+    try:  # safetensors holds a JSON header and raw bytes: nothing is unpickled, so nothing is executed
+        with safe_open(path, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"could not read {path} ({error}): the file is truncated or corrupt; save it again") from error
+
+
+def _match_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, LoRALinear]) -> dict[str, dict]:
+    """``{layer name: {"A": tensor, "B": tensor}}``, checking names, coverage, shapes and values."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            bare = _KEY_WITHOUT_PREFIX.fullmatch(key)
+            hint = " It lacks the 'base_model.model.' prefix, so PEFT would skip it too." if bare else ""
+            raise ValueError(f"adapter tensor {key!r} is not named 'base_model.model.<module>.lora_A/B.weight'.{hint}")
+        name, factor = match["module"], match["factor"]
+        if factor in factors.setdefault(name, {}):
+            raise ValueError(f"the adapter holds two lora_{factor} tensors for {name} (with and without '.default')")
+        factors[name][factor] = tensor
+    unknown = sorted(set(factors) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"the adapter has weights for {unknown}, which are not LoRA layers of the model (those are "
+            f"{sorted(layers)}); prepare the model with target_modules={sorted(factors)}"
+        )
+    missing = [f"{name}.lora_{f}" for name in layers for f in "AB" if f not in factors.get(name, {})]
+    if missing:
+        raise ValueError(
+            f"the adapter has no weights for {missing}; those layers would keep their fresh adapters (PEFT only warns "
+            f"and leaves B at zero). Prepare the model with target_modules={sorted(factors)}"
+        )
+    for name, layer in layers.items():
+        for factor, want in (("A", layer.lora.lora_A.shape), ("B", layer.lora.lora_B.shape)):
+            tensor, where = factors[name][factor], f"{name}.lora_{factor} in the adapter"
+            if tensor.shape != want:
+                raise ValueError(f"{where} has shape {tuple(tensor.shape)}; the model's layer needs {tuple(want)}")
+            if not tensor.is_floating_point():
+                raise ValueError(f"{where} has dtype {tensor.dtype}; LoRA weights are floating point")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{where} holds NaN or inf; the adapter is broken, retrain or re-save it")
+    return factors
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load a PEFT LoRA adapter (saved by :func:`save_adapter` or PEFT's ``save_pretrained``)
+    into a model prepared with ``apply_lora_to_model`` using the adapter's rank, alpha,
+    use_rslora and target modules. Returns the names of the loaded layers.
+
+    Everything is checked before the model is touched (config, scaling, tensor names, shapes,
+    dtypes, finiteness); on any error the model is left exactly as it was. Every LoRA layer of
+    the model must receive both A and B. Merged layers are refused: unmerge them first.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    layers = lora_modules(model)
+    how = (
+        f"apply_lora_to_model(base, rank={config['r']}, alpha={config['lora_alpha']}, "
+        f"use_rslora={config.get('use_rslora', False)}, target_modules={config.get('target_modules')!r})"
+    )
+    if not layers:
+        raise ValueError(f"the model has no LoRA layers to load the adapter into; prepare it with {how}")
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"LoRA layers {merged} are merged; call unmerge() on them before loading an adapter")
+    for name, layer in layers.items():
+        (r, alpha, rslora), (rank, model_alpha, model_rslora) = _expected(config, name), _settings(layer)[:3]
+        if (r, alpha, rslora) != (rank, model_alpha, model_rslora):
+            raise ValueError(
+                f"the adapter has r={r}, lora_alpha={alpha:g}, use_rslora={rslora} for {name}, but the model's layer "
+                f"has rank={rank}, alpha={model_alpha:g}, use_rslora={model_rslora}; a different scaling would change "
+                f"the outputs. Prepare the model with {how}"
+            )
+    factors = _match_tensors(_read_tensors(directory / ADAPTER_WEIGHTS_NAME), layers)
+    with torch.no_grad():  # copy_ casts to the model's dtype and device
+        for name, layer in layers.items():
+            layer.lora.lora_A.copy_(factors[name]["A"])
+            layer.lora.lora_B.copy_(factors[name]["B"])
+    return list(layers)

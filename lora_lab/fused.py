@@ -1,0 +1,210 @@
+"""LoRA's fast path: the whole adapted linear layer as one ``torch.autograd.Function``.
+
+The readable path, ``original_layer(x) + lora(x)``, is what the lessons teach. Under autograd
+it is slower than it needs to be: it writes the adapter's ``(N, d_out)`` output and adds it to
+the base output, and in backward writes a second ``(N, d_in)`` input gradient and adds the two —
+four extra passes over activation-sized tensors per layer, on a CPU where memory traffic, not
+arithmetic, bounds those skinny rank-``r`` products. With a 7M-parameter GPT that made a LoRA
+step cost about as much as a full fine-tuning step (/work/shared/notes/lora-cost.md).
+
+:func:`lora_linear` computes ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` (``s`` = ``scaling``) and its
+gradients directly:
+
+* **no weight gradient for a frozen ``W``** (nor ``b``): that product is a third of a full
+  fine-tuning layer's cost and the reason LoRA can be cheaper at all. If the user unfroze
+  ``W`` or ``b`` their gradients are computed too — ``requires_grad`` is respected.
+* **per shape, one of two graphs** (RunLoRA, arXiv 2312.03415, makes the same choice):
+
+  - *merged weight*: ``W_eff = W + s·B A`` costs ``2·r·d_in·d_out`` FLOPs to build and then
+    the forward output and the input gradient are each **one** GEMM, exactly like a plain
+    ``nn.Linear``; no extra ``(N, ·)`` pass at all. Only valid when the adapter sees the same
+    input as ``W`` (no dropout, or dropout inactive in eval).
+  - *factorised*: ``y = addmm(b, x, Wᵀ)`` then ``y += u Bᵀ`` in place with ``u = x (s·A)ᵀ``,
+    costing ``2·N·r·(d_in + d_out)`` FLOPs and one read-modify-write of ``y``.
+
+  The merged weight is cheaper when ``N·(d_in + d_out) > d_in·d_out`` (the note's crossover),
+  i.e. for every training batch of a few hundred tokens or more; the factorised graph wins
+  for a handful of tokens (token-by-token generation) and is the only one with dropout.
+* **scaling folded into the r-wide matrices** (``s·A`` is ``r × d_in``, ``s·B`` is ``d_out × r``)
+  so no elementwise pass over an ``(N, d_out)`` tensor is spent on it.
+* **A and B gradients by small GEMMs**: ``dA = (g·sB)ᵀ x`` and ``dB = gᵀ (x·sAᵀ)``, where
+  ``g`` is the output gradient.
+* **only the inputs are saved**: backward rebuilds ``W_eff`` and ``u`` from ``x, W, A, B`` (their
+  cost is a fraction ``r/N`` of the layer's), so the Function keeps no activation-sized
+  intermediate alive and double backward (``create_graph=True``) stays correct.
+
+Dropout on the adapter's input is applied *outside* the Function, by the caller, and its output
+passed as ``x_lora``: autograd's own dropout node then keeps the mask, the mask is the one the
+readable path would draw from the same random state, and the Function never has to store it.
+
+At inference (``torch.is_grad_enabled()`` False, or nothing requires grad) the same kernels run
+without the autograd bookkeeping: the unmerged layer then costs the base layer plus building
+``W_eff`` (a fraction ``r/N`` of it) — or, for a few tokens, the factorised branch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["STRATEGIES", "MERGED_WEIGHT_CROSSOVER", "lora_linear", "choose_merged_weight"]
+
+Strategy = Literal["auto", "merged", "factorised"]
+
+#: Accepted values of ``strategy``: ``"auto"`` picks per shape; the other two force one graph.
+STRATEGIES: tuple[str, ...] = ("auto", "merged", "factorised")
+
+#: ``"auto"`` uses the merged weight when ``N·(d_in + d_out) > MERGED_WEIGHT_CROSSOVER·d_in·d_out``.
+#: 1.0 is the FLOP break-even: building ``s·B A`` costs ``2·r·d_in·d_out`` FLOPs, the factorised
+#: branch ``2·N·r·(d_in + d_out)``. Timed on the project's 2-core CPU the break-even moves towards
+#: smaller N, since the factorised branch also pays a memory-bound pass over the ``(N, d_out)``
+#: output that FLOPs do not count; 1.0 keeps the rule simple and errs on the side of the
+#: factorised branch, whose cost is small either way at that size.
+MERGED_WEIGHT_CROSSOVER = 1.0
+
+
+def choose_merged_weight(n_tokens: int, in_features: int, out_features: int) -> bool:
+    """Whether ``"auto"`` uses the merged weight ``W + s·B A`` for ``n_tokens`` input rows."""
+    return n_tokens * (in_features + out_features) > MERGED_WEIGHT_CROSSOVER * in_features * out_features
+
+
+def _merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    # addmm writes W + s·(B @ A) in one pass: no separate (d_out, d_in) temporary for B @ A.
+    return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    x_lora: torch.Tensor | None,
+    scaling: float,
+    merged: bool,
+) -> torch.Tensor:
+    """``x Wᵀ + b + s·(x_lora Aᵀ) Bᵀ``; ``x_lora`` None means the adapter sees ``x``."""
+    if merged:
+        return F.linear(x, _merged_weight(weight, lora_A, lora_B, scaling), bias)
+    # F.linear on x as given (not a 2-D reshape of it) runs the very kernel nn.Linear runs, so
+    # with B = 0 the result is bit-identical to the base layer's, as the readable path's is.
+    y = F.linear(x, weight, bias).contiguous()  # fresh, so contiguous already: a no-op check
+    adapter_input = (x if x_lora is None else x_lora).reshape(-1, x.shape[-1])
+    u = adapter_input @ (lora_A * scaling).t()  # (N, r): the only new activation
+    # In place: y += u Bᵀ reads and writes y once, instead of writing a second (N, d_out)
+    # tensor and then adding the two (three more passes).
+    y.view(-1, y.shape[-1]).addmm_(u, lora_B.t())
+    return y
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """Autograd for :func:`lora_linear`; see there and the module docstring for the maths."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, x_lora, scaling, merged):  # type: ignore[override]
+        ctx.scaling, ctx.merged = scaling, merged
+        # Inputs only, no intermediates: see the module docstring.
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, x_lora)
+        return _forward(x, weight, bias, lora_A, lora_B, x_lora, scaling, merged)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, bias, lora_A, lora_B, x_lora = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, need_xl = ctx.needs_input_grad[:6]
+        s, d_in, d_out = ctx.scaling, weight.shape[1], weight.shape[0]
+        g = grad_y.reshape(-1, d_out)  # may be a copy: autograd hands e.g. expanded gradients
+        x2 = x.reshape(-1, d_in)
+        adapter_input = x2 if x_lora is None else x_lora.reshape(-1, d_in)
+        grad_x = grad_w = grad_b = grad_a = grad_bb = grad_xl = None
+
+        # g·(sB): (N, r), shared by dA, the adapter's share of dx, and d(x_lora). The small
+        # factor is laid out as the transpose of a contiguous (r, d_out) matrix: BLAS runs the
+        # (N, d_out) × (d_out, r) product 2–5× faster in that layout than with B's own
+        # row-major (d_out, r) storage (timed on the project's 2-core CPU, torch 2.13).
+        gb = None
+        if need_a or need_xl or (need_x and not ctx.merged and x_lora is None):
+            gb = g @ (lora_B.t() * s).contiguous().t()
+        if need_x:
+            if ctx.merged:  # one GEMM, as nn.Linear's own input gradient
+                grad_x = g @ _merged_weight(weight, lora_A, lora_B, s)
+            else:
+                grad_x = g @ weight
+                if x_lora is None:  # the adapter saw x itself: its share goes into the same tensor
+                    grad_x = grad_x.addmm_(gb, lora_A)
+            grad_x = grad_x.reshape(x.shape)
+        if need_xl:
+            grad_xl = (gb @ lora_A).reshape(x_lora.shape)
+        if need_a:
+            grad_a = gb.t() @ adapter_input
+        if need_bb:
+            # dB = gᵀ u, computed as (uᵀ g)ᵀ: the same layout trick, 5–8× faster than gᵀ @ u.
+            u = adapter_input @ (lora_A * s).t()
+            grad_bb = (u.t() @ g).t()
+        if need_w:  # only when the user unfroze W: the very product LoRA exists to skip
+            grad_w = g.t() @ x2
+        if need_b:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, grad_a, grad_bb, grad_xl, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None = None,
+    *,
+    strategy: Strategy = "auto",
+) -> torch.Tensor:
+    """``x Wᵀ + b + scaling · (x_lora Aᵀ) Bᵀ`` with LoRA's fast forward and backward.
+
+    Args:
+        x: input, shape ``(..., in_features)`` (any number of leading dimensions, or none).
+        weight: base weight ``W``, ``(out_features, in_features)``; frozen unless it requires grad.
+        bias: base bias ``(out_features,)`` or None.
+        lora_A: ``(rank, in_features)``.
+        lora_B: ``(out_features, rank)``.
+        scaling: the adapter's ``α / r`` (or ``α / √r``).
+        x_lora: the adapter's input when it differs from ``x`` — dropout's output, applied by
+            the caller so that autograd keeps the mask; same shape as ``x``. None: ``x``.
+        strategy: ``"auto"`` (per shape, see :func:`choose_merged_weight`), ``"merged"`` or
+            ``"factorised"``. ``"merged"`` with ``x_lora`` is refused: with dropout the adapter
+            and ``W`` see different inputs, so they cannot share one weight.
+
+    Returns:
+        ``(..., out_features)``, same dtype as ``x``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if x.shape[-1:] != weight.shape[1:] or x.dim() == 0:
+        raise ValueError(f"x must have shape (..., {weight.shape[1]}) to match the weight, got {tuple(x.shape)}")
+    if lora_A.shape != (lora_A.shape[0], weight.shape[1]) or lora_B.shape != (weight.shape[0], lora_A.shape[0]):
+        raise ValueError(
+            f"lora_A must be (rank, {weight.shape[1]}) and lora_B ({weight.shape[0]}, rank) for a weight of shape "
+            f"{tuple(weight.shape)}; got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+        )
+    if x_lora is not None and x_lora.shape != x.shape:
+        raise ValueError(f"x_lora must have the shape of x, {tuple(x.shape)}; got {tuple(x_lora.shape)}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    if strategy == "merged" and x_lora is not None:
+        raise ValueError(
+            "strategy='merged' needs the adapter to see the same input as W; with dropout (x_lora given) "
+            "use strategy='factorised' or 'auto'"
+        )
+
+    n_tokens = math.prod(x.shape[:-1])  # rows of the (N, d_in) matrix the GEMMs see
+    if strategy == "auto":
+        merged = x_lora is None and choose_merged_weight(n_tokens, weight.shape[1], weight.shape[0])
+    else:
+        merged = strategy == "merged"
+
+    args = (x, weight, bias, lora_A, lora_B, x_lora)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return _LoRALinearFunction.apply(*args, float(scaling), merged)
+    return _forward(*args, float(scaling), merged)  # inference: same kernels, no autograd bookkeeping

@@ -1,0 +1,205 @@
+"""Putting LoRA adapters into any model, and the small API around them.
+
+``apply_lora_to_model`` follows the seed's contract (it returns an adapted *copy*; the
+original is not modified) and Hugging Face PEFT's ``target_modules`` rules, so a PEFT
+user's list of module names works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .layers import LoRALinear, _check_positive_int, _check_positive_real
+
+__all__ = [
+    "apply_lora_to_model",
+    "find_target_modules",
+    "lora_modules",
+    "mark_only_lora_as_trainable",
+    "count_parameters",
+    "lora_state_dict",
+    "merge_lora",
+    "disable_lora",
+]
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole name; a list entry
+    matches the name exactly or as a dotted suffix (``"q"`` matches ``"blocks.0.attn.q"``)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA layers by module name, in ``named_modules`` order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def find_target_modules(model: nn.Module, target_modules: str | Sequence[str] | None = None) -> list[str]:
+    """Names of the ``nn.Linear`` modules that :func:`apply_lora_to_model` would adapt.
+
+    Raises ``ValueError`` with the names of the model's linear layers when nothing matches,
+    and when a matched module is not an ``nn.Linear``.
+    """
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if target_modules is None:
+        if not linear_names:
+            raise ValueError("the model has no nn.Linear layer, so there is nothing to adapt with LoRA")
+        return linear_names
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(
+                f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}"
+            )
+    matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, target_modules)]
+    not_linear = [f"{name} ({type(module).__name__})" for name, module in matched if not isinstance(module, nn.Linear)]
+    if not_linear:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched modules that are not nn.Linear: {', '.join(not_linear)}. "
+            "LoRA here adapts nn.Linear layers only; the model's linear layers are: "
+            f"{', '.join(linear_names) or 'none'}"
+        )
+    if not matched:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no module. A list entry must equal a module name or its "
+            f"last dotted parts; a string is a regex over the full name. The model's linear layers are: "
+            f"{', '.join(linear_names) or 'none'}"
+        )
+    return [name for name, _ in matched]
+
+
+def apply_lora_to_model(
+    model: nn.Module,
+    rank: int = 4,
+    alpha: float = 1.0,
+    target_modules: str | Sequence[str] | None = None,
+    **layer_options,
+) -> nn.Module:
+    """Return a deep copy of ``model`` whose targeted ``nn.Linear`` layers are
+    :class:`LoRALinear`, with every parameter that is not an adapter frozen.
+
+    Args:
+        model: any ``nn.Module``; it is not modified.
+        rank, alpha: the adapters' rank ``r`` and ``α`` (scaling ``α / r``).
+        target_modules: ``None`` (every ``nn.Linear``, as the seed does), a list of module
+            names matched exactly or as a dotted suffix, or one regex matched against the full
+            module name (PEFT's rules).
+        **layer_options: ``dropout``, ``init`` (``"kaiming"``, ``"gaussian"``, ``"seed"``),
+            ``use_rslora`` — see :class:`~lora_lab.layers.LoRALayer`.
+    """
+    _check_positive_int("rank", rank)
+    _check_positive_real("alpha", alpha)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_lora_to_model needs an nn.Module, got {type(model).__name__}")
+    existing = lora_modules(model)
+    if existing:
+        raise ValueError(
+            f"the model already holds LoRA layers ({', '.join(existing)}); adapt the original base model, "
+            "or merge the existing adapters first with merge_lora(model)"
+        )
+    attention = [name or "<root>" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if attention:
+        raise ValueError(
+            f"the model contains nn.MultiheadAttention ({', '.join(attention)}). Its out_proj is an nn.Linear "
+            "whose .weight the attention reads directly (F.multi_head_attention_forward), so a wrapped out_proj "
+            "would never run and its adapter would silently do nothing. Write attention with explicit nn.Linear "
+            "projections (as lora_lab.model.GPT does), or target only other layers after replacing it."
+        )
+    targets = find_target_modules(model, target_modules)
+    adapted = copy.deepcopy(model)
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = adapted.get_submodule(parent_name) if parent_name else adapted
+        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank=rank, alpha=alpha, **layer_options))
+    mark_only_lora_as_trainable(adapted)
+    return adapted
+
+
+def _is_lora_parameter(name: str) -> bool:
+    return "lora_A" in name.rsplit(".", 1)[-1] or "lora_B" in name.rsplit(".", 1)[-1]
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Freeze every parameter except the adapters' A and B (loralib's API).
+
+    ``bias="all"`` also trains every bias; ``"lora_only"`` the biases of adapted layers.
+    """
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    for name, param in model.named_parameters():
+        param.requires_grad = _is_lora_parameter(name)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.requires_grad = True
+    elif bias == "lora_only":
+        for module in lora_modules(model).values():
+            if module.original_layer.bias is not None:
+                module.original_layer.bias.requires_grad = True
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared parameters counted once)."""
+    trainable = total = 0
+    for param in model.parameters():  # .parameters() already yields a shared tensor once
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapters' tensors (``...lora.lora_A`` / ``...lora.lora_B``), detached."""
+    return {name: tensor.detach() for name, tensor in model.state_dict().items() if _is_lora_parameter(name)}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every :class:`LoRALinear` is a plain ``nn.Linear``
+    holding ``W + scaling·B·A`` — same outputs, the base model's cost (minLoRA's one-liner).
+    The copy's parameters keep the ``requires_grad`` flags of the model's base weights."""
+    merged = copy.deepcopy(model)
+    for name, module in lora_modules(merged).items():
+        linear = module.original_layer
+        if not module.merged:
+            new_weight = linear.weight + module.lora.delta_weight().to(linear.weight.dtype)
+            if not torch.isfinite(new_weight).all():
+                raise ValueError(f"merging {name} would produce non-finite weights; the model was not merged")
+            linear.weight.copy_(new_weight)
+        parent_name, _, child_name = name.rpartition(".")
+        parent = merged.get_submodule(parent_name) if parent_name else merged
+        setattr(parent, child_name, linear)
+    return merged
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model with every adapter switched off, without copying it::
+
+        with disable_lora(lora_model):
+            base_logits = lora_model(tokens)
+
+    Refused for merged layers (their ΔW is inside the weight; unmerge them first).
+    """
+    modules = lora_modules(model)
+    merged = [name for name, module in modules.items() if module.merged]
+    if merged:
+        raise RuntimeError(f"cannot disable merged LoRA layers ({', '.join(merged)}); call unmerge() on them first")
+    previous = {name: module.disabled for name, module in modules.items()}
+    try:
+        for module in modules.values():
+            module.disabled = True
+        yield model
+    finally:
+        for name, module in modules.items():
+            module.disabled = previous[name]

@@ -1,0 +1,243 @@
+"""The LoRA layer (Hu et al. 2021, arXiv 2106.09685), with the seed's API made right.
+
+A frozen linear map ``y = x Wᵀ + b`` with ``W ∈ R^{d_out × d_in}`` is adapted by a
+trainable low-rank update ``ΔW = B A`` with ``B ∈ R^{d_out × r}``, ``A ∈ R^{r × d_in}``:
+
+    y = x Wᵀ + b + (α / r) · x Aᵀ Bᵀ
+
+``lora_A`` has shape ``(rank, in_features)`` and ``lora_B`` shape ``(out_features, rank)``,
+the paper's and Hugging Face PEFT's layout. B starts at zero, so a fresh adapter changes
+nothing. The adapter is always applied factorised (``(x Aᵀ) Bᵀ``): building ``ΔW`` under
+autograd would add a full ``d_out × d_in`` weight-gradient product to every backward pass,
+which is the cost LoRA exists to avoid (the seed's slip; see notebook 02).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import nn
+
+from .fused import lora_linear
+
+__all__ = ["LoRALayer", "LoRALinear", "INIT_METHODS"]
+
+#: How ``lora_A`` may be initialised. B is always zero.
+INIT_METHODS = ("kaiming", "gaussian", "seed")
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_positive_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class LoRALayer(nn.Module):
+    """The adapter branch alone: ``forward(x) = scaling · x Aᵀ Bᵀ``.
+
+    Args:
+        in_features: size of each input sample (``d_in``).
+        out_features: size of each output sample (``d_out``).
+        rank: the rank ``r`` of ``ΔW = B A``.
+        alpha: LoRA's ``α``; the update is scaled by ``α / r`` (or ``α / √r`` with rsLoRA),
+            so changing ``r`` does not change the update's size at initialisation and the
+            learning rate need not be retuned per rank.
+        dropout: dropout probability on the adapter's input (PEFT's ``lora_dropout``).
+        init: how ``lora_A`` starts: ``"kaiming"`` (PEFT and loralib's
+            ``kaiming_uniform_(a=√5)``, the default), ``"gaussian"`` (``N(0, 1/r)``, PEFT's
+            ``init_lora_weights="gaussian"``) or ``"seed"`` (``randn · 0.01``, as the
+            original course module wrote it).
+        use_rslora: scale by ``α / √r`` (Kalajdzievski 2023, "rank-stabilised LoRA").
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 4,
+        alpha: float = 1.0,
+        *,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_positive_int("in_features", in_features)
+        self.out_features = _check_positive_int("out_features", out_features)
+        self.rank = _check_positive_int("rank", rank)
+        self.alpha = _check_positive_real("alpha", alpha)
+        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if init not in INIT_METHODS:
+            raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
+        self.init = init
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        factory = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank, **factory))
+        self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draw A with the chosen init and set B to zero (so ``ΔW = 0``)."""
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            elif self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+            else:  # "seed"
+                self.lora_A.copy_(torch.randn_like(self.lora_A) * 0.01)
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (x Aᵀ) Bᵀ costs 2·N·r·(d_in + d_out) FLOPs and only r-wide activations; the
+        # scaling is folded into the small r-wide tensor rather than the d_out-wide output.
+        return (self.dropout(x) @ self.lora_A.t() * self.scaling) @ self.lora_B.t()
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW = scaling · B A``, shape ``(out_features, in_features)``, for merging and
+        analysis (never used in the training path)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha:g}, scaling={self.scaling:g}, init={self.init!r}"
+        )
+
+
+class LoRALinear(nn.Module):
+    """An ``nn.Linear`` wrapped with a LoRA adapter: ``original_layer(x) + lora(x)``.
+
+    ``original_layer`` is frozen in place (its ``requires_grad`` is set to False) and stays
+    the very same module object, so its weights are shared with whatever else holds it.
+
+    Args:
+        original_layer: the ``nn.Linear`` to adapt.
+        rank, alpha: see :class:`LoRALayer`.
+        fused: the fast path, on by default: the same function computed by one custom
+            autograd Function (:func:`lora_lab.fused.lora_linear`) that skips the frozen
+            weight's gradient and the adapter's extra activation-sized passes.
+            ``fused=False`` uses the plain readable path ``original_layer(x) + lora(x)``.
+            Both give the same outputs and gradients up to float rounding; the plain path is
+            also taken, whatever ``fused`` says, where the fast one does not apply (autocast,
+            mixed dtypes, forward hooks on ``lora`` or ``original_layer``, subclasses that
+            override ``forward``), so behaviour never depends on the flag.
+        **layer_options: forwarded to :class:`LoRALayer` (``dropout``, ``init``,
+            ``use_rslora``).
+    """
+
+    def __init__(
+        self, original_layer: nn.Linear, rank: int = 4, alpha: float = 1.0, *, fused: bool = True, **layer_options
+    ) -> None:
+        super().__init__()
+        if not isinstance(original_layer, nn.Linear):
+            raise TypeError(
+                f"LoRALinear wraps an nn.Linear, got {type(original_layer).__name__}; "
+                "use apply_lora_to_model to adapt a whole model"
+            )
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
+        self.fused = fused
+        self.original_layer = original_layer
+        weight = original_layer.weight
+        self.lora = LoRALayer(
+            original_layer.in_features,
+            original_layer.out_features,
+            rank,
+            alpha,
+            device=weight.device,
+            dtype=weight.dtype,
+            **layer_options,
+        )
+        for param in self.original_layer.parameters():
+            param.requires_grad = False
+        self.merged = False
+        self.disabled = False  # set by lora_lab.disable_lora to run the base model alone
+
+    @property
+    def in_features(self) -> int:
+        return self.original_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.original_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (``W``; ``W + ΔW`` while merged)."""
+        return self.original_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.original_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.original_layer(x)
+        if not (self.fused and self._fast_path_applies(x)):
+            return self.original_layer(x) + self.lora(x)
+        lora = self.lora
+        # Dropout runs here, outside the fused Function, so autograd's dropout node keeps the
+        # mask and the mask is the one lora(x) would draw. Identity, or Dropout in eval, hand
+        # back x itself: then the adapter sees x and the merged-weight graph is allowed.
+        x_lora = lora.dropout(x)
+        return lora_linear(
+            x,
+            self.original_layer.weight,
+            self.original_layer.bias,
+            lora.lora_A,
+            lora.lora_B,
+            lora.scaling,
+            None if x_lora is x else x_lora,
+        )
+
+    def _fast_path_applies(self, x: torch.Tensor) -> bool:
+        """Whether :func:`~lora_lab.fused.lora_linear` computes exactly what the plain path does."""
+        base, lora = self.original_layer, self.lora
+        if type(base).forward is not nn.Linear.forward or type(lora).forward is not LoRALayer.forward:
+            return False  # a subclass computes something else
+        if base._forward_hooks or base._forward_pre_hooks or lora._forward_hooks or lora._forward_pre_hooks:
+            return False  # hooks must see the modules run
+        if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+            return False  # autocast casts per op: leave that to the ops it was written for
+        dtype = base.weight.dtype
+        return x.dtype == dtype and lora.lora_A.dtype == dtype and lora.lora_B.dtype == dtype
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``ΔW`` into the base weight, in place, so inference costs exactly the base
+        layer. Refused when already merged, and when the merged weight would not be finite
+        (the layer is then left unchanged, as PEFT's ``safe_merge``)."""
+        if self.merged:
+            raise RuntimeError("this LoRALinear is already merged; call unmerge() before merging again")
+        merged_weight = self.original_layer.weight + self.lora.delta_weight().to(self.original_layer.weight.dtype)
+        if not torch.isfinite(merged_weight).all():
+            raise ValueError(
+                "merging would produce non-finite weights (the adapter holds NaN/inf or overflows the "
+                "weight's dtype); the layer was left unmerged — check the adapter's training"
+            )
+        self.original_layer.weight.copy_(merged_weight)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``ΔW`` from the base weight again (exact up to float rounding)."""
+        if not self.merged:
+            raise RuntimeError("this LoRALinear is not merged; nothing to unmerge")
+        self.original_layer.weight.sub_(self.lora.delta_weight().to(self.original_layer.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"merged={self.merged}"

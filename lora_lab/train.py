@@ -1,0 +1,158 @@
+"""One training loop for pretraining, LoRA and full fine-tuning.
+
+What is trained is decided by the model itself: the optimiser receives exactly the parameters
+with ``requires_grad=True``. After :func:`lora_lab.apply_lora_to_model` those are the adapters'
+A and B; for pretraining and full fine-tuning, everything.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import iterate_batches, total_steps
+from .evaluate import mean_loss
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (plain data, stored with the results)."""
+
+    epochs: float
+    lr: float
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05  # linear warm-up: AdamW's first steps are noisy at full lr
+    min_lr_fraction: float = 0.1  # cosine decay down to 10% of lr
+    grad_clip: float = 1.0
+    eval_points: int = 10  # validation losses recorded over the run (plus one at the start)
+    eval_max_windows: int = 64  # windows per validation estimate during training
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size!r}")
+
+
+@dataclass
+class TrainResult:
+    """Loss history of a run: ``train_loss[i]`` is the loss of step ``i``; ``val_loss`` is a
+    list of ``(step, loss)``; ``seconds`` is wall-clock training time (validation excluded)."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+
+    def to_dict(self) -> dict:
+        return {"train_loss": self.train_loss, "val_loss": self.val_loss, "seconds": self.seconds, "steps": self.steps}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainResult:
+        return cls(
+            [float(x) for x in data["train_loss"]],
+            [(int(s), float(v)) for s, v in data["val_loss"]],
+            float(data["seconds"]),
+            int(data["steps"]),
+        )
+
+
+def _lr_at(step: int, total: int, config: TrainConfig) -> float:
+    warmup = max(1, int(config.warmup_fraction * total))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = config.min_lr_fraction
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(
+    model: nn.Module,
+    train_data: torch.Tensor,
+    val_data: torch.Tensor | None,
+    config: TrainConfig,
+    *,
+    block_size: int,
+    device: torch.device | str = "cpu",
+    desc: str = "training",
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` (its parameters with ``requires_grad``) with AdamW on next-token
+    prediction over ``train_data``, validating ``config.eval_points`` times on ``val_data``.
+
+    ``model(x, y)`` must return ``(logits, loss)`` (as :class:`lora_lab.model.GPT` does).
+    A non-finite loss stops training with an error naming the step, and the model's
+    parameters are restored to what they were before training.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameter (every requires_grad is False); nothing to train")
+    device = torch.device(device)
+    model.to(device)
+    # Decay matrices only (nanoGPT's convention): decaying biases, norms and embeddings gains nothing.
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    steps = total_steps(len(train_data), block_size, config.batch_size, config.epochs)
+    eval_every = max(1, steps // max(1, config.eval_points))
+    result = TrainResult(steps=steps)
+
+    def validate(step: int) -> None:
+        if val_data is not None:
+            loss = mean_loss(model, val_data, block_size, device=device, max_windows=config.eval_max_windows)
+            result.val_loss.append((step, loss))
+
+    # Kept so that a failed run leaves the model exactly as it was given.
+    snapshot = [p.detach().clone() for p in params]
+    validate(0)
+    model.train()
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    start = time.perf_counter()
+    batches = iterate_batches(train_data, block_size, config.batch_size, config.epochs, config.seed)
+    for step, (x, y) in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, config)
+        _, loss = model(x.to(device), y.to(device))
+        value = loss.item()
+        if not math.isfinite(value):
+            bar.close()
+            with torch.no_grad():
+                for param, saved in zip(params, snapshot):
+                    param.copy_(saved)
+            model.eval()
+            raise FloatingPointError(
+                f"{desc}: the loss became {value} at step {step + 1} of {steps} "
+                f"(lr {optimizer.param_groups[0]['lr']:.3g}); "
+                "the learning rate is most likely too high for this model — lower it (e.g. by 3-10×) and rerun"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        result.train_loss.append(value)
+        bar.update(1)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            result.seconds += time.perf_counter() - start
+            validate(step + 1)
+            bar.set_postfix(loss=f"{value:.3f}", val=f"{result.val_loss[-1][1]:.3f}" if result.val_loss else "-")
+            model.train()
+            start = time.perf_counter()
+    result.seconds += time.perf_counter() - start
+    bar.close()
+    model.eval()
+    return result

@@ -1,0 +1,395 @@
+"""Build the companion reading ``comentario_LoRA.pdf`` from ``paper/`` with Typst.
+
+Usage::
+
+    python paper/build.py [--run-dir DIR] [--data-dir DIR] [--out PATH] [--date TEXT]
+
+``--run-dir`` names an output folder of ``lora-lab run``. Its ``results.json``, the optional
+``sweep.json`` and the figures the paper uses are checked, the PDF is compiled from them, and
+only then are they copied into the committed snapshot folder ``--data-dir`` (default
+``paper/data``), replacing it as a whole. Without ``--run-dir`` the PDF is rebuilt from the
+snapshot alone, so the document builds without running any experiment. ``make pdf`` runs
+``lora-lab run`` and then this script.
+
+Nothing is changed unless everything succeeds: the Typst sources and the data are staged in a
+temporary folder, compiled there, and the snapshot and the PDF are replaced atomically at the
+end (the PDF through ``os.replace``). A failure raises :class:`BuildError` with what was wrong
+and what to do; on the command line it is printed and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+PAPER_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PAPER_DIR.parent
+DEFAULT_DATA_DIR = PAPER_DIR / "data"
+DEFAULT_OUT = REPO_ROOT / "comentario_LoRA.pdf"
+
+#: The Typst sources, relative to ``paper/``, staged for every build.
+SOURCES = ("main.typ", "lib.typ", "refs.yml", "chapters")
+RESULTS = "results.json"
+SWEEP = "sweep.json"
+#: Figures the text places, in order; each may be missing (the PDF then says how to make it).
+FIGURES = ("loss_curves.png", "perplexities.png", "rank_sweep.png", "spectrum.png")
+
+REQUIRED_MODELS = ("base", "lora", "full")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SNAPSHOT_README = """\
+# Results snapshot for the companion reading
+
+Copied from a `lora-lab run` output folder by `paper/build.py`; `paper/main.typ` reads every
+number and figure of `comentario_LoRA.pdf` from here. Do not edit by hand: regenerate with
+`make pdf` (or `python paper/build.py --run-dir <run folder>`).
+"""
+
+__all__ = ["BuildError", "build", "validate_results", "validate_sweep", "main"]
+
+
+class BuildError(RuntimeError):
+    """The PDF could not be built; the message says why and what to do."""
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON (NaN/Infinity cannot be typeset)")
+
+
+def _load_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise BuildError(f"cannot read {path}: {error}; rerun `lora-lab run` to rewrite it") from error
+
+
+def validate_results(results: object, where: str = RESULTS) -> None:
+    """Check ``results.json`` against the contract of ``lora-lab run`` (see
+    ``lora_lab.main_job.run``); raise :class:`BuildError` naming every problem found."""
+    problems: list[str] = []
+    if not isinstance(results, dict):
+        raise BuildError(f"{where}: expected a JSON object, got {type(results).__name__}")
+    for key in ("corpus", "profile"):
+        if not isinstance(results.get(key), str):
+            problems.append(f"'{key}' must be a string")
+    floors = results.get("entropy_floor_ppl", "missing")
+    if floors == "missing":
+        problems.append("'entropy_floor_ppl' is missing (use null when the corpus has no known floor)")
+    elif floors is not None and not (
+        isinstance(floors, dict) and all(_is_number(floors.get(k)) and floors[k] >= 1 for k in ("source", "target"))
+    ):
+        problems.append("'entropy_floor_ppl' must be null or {'source': ppl >= 1, 'target': ppl >= 1}")
+    if "note" in results and not isinstance(results["note"], str):
+        problems.append("'note' must be a string")
+    models = results.get("models")
+    if not isinstance(models, dict):
+        problems.append("'models' must be an object of model entries")
+        models = {}
+    for name in REQUIRED_MODELS:
+        if name not in models:
+            problems.append(f"models.{name} is missing (the run must evaluate base, lora and full)")
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            problems.append(f"models.{name} must be an object")
+            continue
+        for key in ("target_ppl", "source_ppl"):
+            if not (_is_number(entry.get(key)) and entry[key] >= 1):
+                problems.append(f"models.{name}.{key} must be a finite perplexity >= 1, got {entry.get(key)!r}")
+        for key in ("trainable_params", "total_params"):
+            if not _is_count(entry.get(key)):
+                problems.append(f"models.{name}.{key} must be a non-negative integer, got {entry.get(key)!r}")
+        trainable, total = entry.get("trainable_params"), entry.get("total_params")
+        if _is_count(trainable) and _is_count(total) and not (total > 0 and trainable <= total):
+            problems.append(f"models.{name}: need 0 < total_params and trainable_params <= total_params")
+        if not (_is_number(entry.get("train_seconds")) and entry["train_seconds"] >= 0):
+            problems.append(f"models.{name}.train_seconds must be a number >= 0, got {entry.get('train_seconds')!r}")
+        if entry.get("artifact_bytes", "missing") is not None and not _is_count(entry.get("artifact_bytes")):
+            problems.append(f"models.{name}.artifact_bytes must be a non-negative integer or null")
+        rate = entry.get("valid_target_rate", "missing")
+        if rate is not None and not (_is_number(rate) and 0 <= rate <= 1):
+            problems.append(f"models.{name}.valid_target_rate must be null or a number in [0, 1], got {rate!r}")
+        samples = entry.get("samples")
+        if not (isinstance(samples, list) and all(isinstance(s, str) for s in samples)):
+            problems.append(f"models.{name}.samples must be a list of strings")
+    recipes = results.get("recipes")
+    if recipes is not None:
+        if not isinstance(recipes, dict):
+            problems.append("'recipes' must be an object when present")
+        else:
+            for name, rc in recipes.items():
+                if not (
+                    isinstance(rc, dict)
+                    and _is_count(rc.get("rank"))
+                    and rc["rank"] > 0
+                    and all(_is_number(rc.get(k)) and rc[k] > 0 for k in ("alpha", "lr"))
+                ):
+                    problems.append(f"recipes.{name} must have a positive int 'rank' and positive 'alpha' and 'lr'")
+                elif not (rc.get("target_modules") is None or _is_str_list(rc["target_modules"])):
+                    problems.append(f"recipes.{name}.target_modules must be null or a list of module names")
+    for key in ("profile_settings", "split_sizes", "histories", "checks"):
+        if key in results and not isinstance(results[key], dict):
+            problems.append(f"'{key}' must be an object when present")
+    settings = results.get("profile_settings")
+    if isinstance(settings, dict):
+        for key in ("n_embd", "n_layer", "n_head", "block_size", "batch_size"):
+            if key in settings and not (_is_count(settings[key]) and settings[key] > 0):
+                problems.append(f"profile_settings.{key} must be a positive integer, got {settings[key]!r}")
+    sizes = results.get("split_sizes")
+    if isinstance(sizes, dict) and not all(map(_is_count, sizes.values())):
+        problems.append("split_sizes must map split names to character counts")
+    histories = results.get("histories")
+    if isinstance(histories, dict):
+        for name, history in histories.items():
+            if not (
+                isinstance(history, dict) and _is_number(history.get("seconds")) and _is_count(history.get("steps", 0))
+            ):
+                problems.append(f"histories.{name} must have a number 'seconds' and an integer 'steps'")
+    checks = results.get("checks")
+    if isinstance(checks, dict) and not all(isinstance(v, bool) for v in checks.values()):
+        problems.append("checks must map check names to true/false")
+    if problems:
+        raise BuildError(
+            f"{where} does not match the contract of `lora-lab run`:\n  - "
+            + "\n  - ".join(problems)
+            + "\nRerun `lora-lab run` (or `make pdf`) to regenerate it."
+        )
+
+
+def validate_sweep(sweep: object, where: str = SWEEP) -> None:
+    """Check ``sweep.json``: ``{"runs": [{"rank": int, "target_ppl": float, optional "alpha",
+    "source_ppl", "trainable_params"}, ...]}``, one entry per rank."""
+    problems: list[str] = []
+    runs = sweep.get("runs") if isinstance(sweep, dict) else None
+    if not (isinstance(runs, list) and runs):
+        raise BuildError(
+            f'{where}: expected {{"runs": [{{"rank": ..., "target_ppl": ...}}, ...]}} with one entry per rank'
+        )
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            problems.append(f"runs[{i}] must be an object")
+            continue
+        if not (_is_count(run.get("rank")) and run["rank"] > 0):
+            problems.append(f"runs[{i}].rank must be a positive integer, got {run.get('rank')!r}")
+        for key, required in (("target_ppl", True), ("source_ppl", False)):
+            if (required or key in run) and not (_is_number(run.get(key)) and run[key] >= 1):
+                problems.append(f"runs[{i}].{key} must be a finite perplexity >= 1, got {run.get(key)!r}")
+        if "alpha" in run and not (_is_number(run["alpha"]) and run["alpha"] > 0):
+            problems.append(f"runs[{i}].alpha must be a positive number, got {run['alpha']!r}")
+        if "trainable_params" in run and not _is_count(run["trainable_params"]):
+            problems.append(f"runs[{i}].trainable_params must be a non-negative integer")
+    ranks = [run.get("rank") for run in runs if isinstance(run, dict)]
+    if len(set(map(repr, ranks))) != len(ranks):
+        problems.append("each rank may appear only once")
+    if problems:
+        raise BuildError(f"{where} is malformed:\n  - " + "\n  - ".join(problems))
+
+
+def _collect(folder: Path, what: str) -> dict[str, Path]:
+    """The files of ``folder`` the paper uses, checked; name -> path."""
+    if not folder.is_dir():
+        raise BuildError(f"{what} {folder} does not exist or is not a folder")
+    results_path = folder / RESULTS
+    if not results_path.is_file():
+        raise BuildError(
+            f"{what} {folder} has no {RESULTS}; it must be an output folder of `lora-lab run` "
+            "(e.g. `lora-lab run --profile cpu --out runs/builtin-cpu`)"
+        )
+    files = {RESULTS: results_path}
+    validate_results(_load_json(results_path), where=str(results_path))
+    if (folder / SWEEP).is_file():
+        validate_sweep(_load_json(folder / SWEEP), where=str(folder / SWEEP))
+        files[SWEEP] = folder / SWEEP
+    for name in FIGURES:
+        path = folder / name
+        if path.is_file():
+            with path.open("rb") as handle:
+                if handle.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                    raise BuildError(f"{path} is not a PNG image; rerun `lora-lab run` to redraw it")
+            files[name] = path
+    return files
+
+
+# --- building ----------------------------------------------------------------------------------
+
+
+def _source_date_epoch() -> int | None:
+    """SOURCE_DATE_EPOCH (https://reproducible-builds.org), which fixes the PDF's timestamps."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise BuildError(f"SOURCE_DATE_EPOCH must be a number of seconds since 1970, got {value!r}")
+    return int(value)
+
+
+def _default_date() -> str:
+    """Today, or SOURCE_DATE_EPOCH's day for reproducible builds."""
+    epoch = _source_date_epoch()
+    day = dt.datetime.fromtimestamp(epoch, dt.timezone.utc).date() if epoch is not None else dt.date.today()
+    return f"{day.day} {day:%B %Y}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _stage(files: dict[str, Path], stage: Path) -> None:
+    for name in SOURCES:
+        source = PAPER_DIR / name
+        if source.is_dir():
+            shutil.copytree(source, stage / name)
+        elif source.is_file():
+            shutil.copy2(source, stage / name)
+        else:
+            raise BuildError(f"the paper source {source} is missing; restore it from git")
+    data = stage / "data"
+    data.mkdir()
+    for name, path in files.items():
+        shutil.copy2(path, data / name)
+    # Typst cannot test whether a file exists, so tell it which optional pieces are present.
+    (data / "manifest.json").write_text(json.dumps({"files": sorted(files)}, indent=2) + "\n", encoding="utf-8")
+
+
+def _compile(stage: Path, date: str) -> bytes:
+    import typst  # imported here so that --help and the checks work without the compiler
+
+    try:
+        # Only the fonts embedded in Typst, so the PDF looks the same on every machine.
+        options = {"root": str(stage), "ignore_system_fonts": True, "sys_inputs": {"date": date}}
+        epoch = _source_date_epoch()
+        if epoch is not None:
+            options["timestamp"] = epoch
+        pdf, warnings = typst.compile_with_warnings(str(stage / "main.typ"), **options)
+    except typst.TypstError as error:
+        # The diagnostic names the file and line (paths are relative to the staged copy of paper/).
+        detail = getattr(error, "diagnostic", None) or str(error)
+        raise BuildError(f"Typst could not compile paper/main.typ:\n{detail}") from error
+    for warning in warnings:
+        print(f"typst warning: {warning}", file=sys.stderr)
+    if not pdf or not pdf.startswith(b"%PDF"):
+        raise BuildError("Typst returned no PDF; run `python paper/build.py` again and report the problem")
+    return pdf
+
+
+def _replace_snapshot(files: dict[str, Path], data_dir: Path) -> None:
+    """Replace ``data_dir`` by a folder holding exactly ``files`` (plus a README), atomically
+    enough that a failure leaves either the old or the new snapshot in place."""
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-new-", dir=data_dir.parent))
+    old = None
+    try:
+        os.chmod(fresh, 0o777 & ~_umask())  # mkdtemp makes it private; the snapshot is ordinary content
+        for name, path in files.items():
+            shutil.copy2(path, fresh / name)
+        (fresh / "README.md").write_text(SNAPSHOT_README, encoding="utf-8")
+        if data_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-old-", dir=data_dir.parent))
+            os.replace(data_dir, old / data_dir.name)
+        try:
+            os.replace(fresh, data_dir)
+        except OSError:
+            if old is not None:
+                os.replace(old / data_dir.name, data_dir)
+            raise
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def build(
+    run_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike = DEFAULT_DATA_DIR,
+    out: str | os.PathLike = DEFAULT_OUT,
+    date: str | None = None,
+) -> Path:
+    """Build the PDF; return its path.
+
+    Args:
+        run_dir: an output folder of ``lora-lab run``; its data replaces the snapshot in
+            ``data_dir`` once the PDF has compiled. None: build from the snapshot.
+        data_dir: the snapshot folder (``paper/data``); tests point it at a temporary folder.
+        out: where the PDF goes (``comentario_LoRA.pdf`` at the repository root).
+        date: the date printed on the title page (default: today, or SOURCE_DATE_EPOCH's).
+    """
+    data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
+    if run_dir is not None:
+        files = _collect(Path(run_dir).resolve(), "the run directory")
+    elif (data_dir / RESULTS).is_file():
+        files = _collect(data_dir, "the results snapshot")
+    else:
+        raise BuildError(
+            f"no results to build from: {data_dir / RESULTS} does not exist and no --run-dir was given. "
+            "Run `make pdf`, or `lora-lab run --profile cpu --out runs/builtin-cpu` followed by "
+            "`python paper/build.py --run-dir runs/builtin-cpu`."
+        )
+    if not out.parent.is_dir():
+        raise BuildError(f"cannot write {out}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise BuildError(f"cannot write the PDF to {out}: it is a folder; give --out a file name")
+    with tempfile.TemporaryDirectory(prefix="lora-lab-paper-") as tmp:
+        stage = Path(tmp) / "paper"
+        stage.mkdir()
+        _stage(files, stage)
+        pdf = _compile(stage, date or _default_date())
+    try:
+        handle, partial = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".partial", dir=out.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(pdf)
+            os.chmod(partial, 0o666 & ~_umask())  # mkstemp makes it private; the PDF is for everyone
+            if run_dir is not None and Path(run_dir).resolve() != data_dir:
+                _replace_snapshot(files, data_dir)
+            os.replace(partial, out)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    except OSError as error:
+        raise BuildError(f"could not write the results snapshot or the PDF: {error}") from error
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", help="output folder of `lora-lab run` to take results and figures from")
+    parser.add_argument(
+        "--data-dir", default=str(DEFAULT_DATA_DIR), help="results snapshot folder (default: paper/data)"
+    )
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="PDF to write (default: comentario_LoRA.pdf)")
+    parser.add_argument("--date", help="date for the title page (default: today, or SOURCE_DATE_EPOCH's day)")
+    args = parser.parse_args(argv)
+    try:
+        path = build(args.run_dir, args.data_dir, args.out, args.date)
+    except BuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The main job end to end (smoke profile): outputs, determinism, caching, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_lab import cli, pipeline
+from lora_lab.main_job import quality_checks, run
+from lora_lab.profiles import get_profile, parse_overrides
+from lora_lab.train import TrainConfig, train
+
+MODEL_KEYS = {
+    "target_ppl",
+    "source_ppl",
+    "trainable_params",
+    "total_params",
+    "train_seconds",
+    "artifact_bytes",
+    "valid_target_rate",
+    "samples",
+}
+
+
+def _numbers(results: dict) -> dict:
+    """Everything in results.json that training determines (not wall-clock time)."""
+    return {name: {k: v for k, v in m.items() if k != "train_seconds"} for name, m in results["models"].items()}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    results = run("builtin", "smoke", root / "out", cache=root / "cache", progress=False)
+    return root, results
+
+
+def test_results_json_follows_the_contract(smoke_run):
+    root, results = smoke_run
+    on_disk = json.loads((root / "out" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk["corpus"] == "builtin" and on_disk["profile"] == "smoke"
+    floors = on_disk["entropy_floor_ppl"]
+    assert set(floors) == {"source", "target"} and all(1 < v < 10 for v in floors.values())
+    assert {"base", "lora", "full", "lora_seed"} <= set(on_disk["models"])
+    for name, entry in on_disk["models"].items():
+        assert set(entry) >= MODEL_KEYS, name
+        assert entry["target_ppl"] >= floors["target"] and entry["source_ppl"] >= floors["source"]
+        assert 0 <= entry["valid_target_rate"] <= 1 and entry["samples"] and entry["artifact_bytes"] > 0
+    models = on_disk["models"]
+    # LoRA trains only A and B: r·(in + out) per adapted linear layer.
+    assert models["lora"]["trainable_params"] < models["full"]["trainable_params"] == models["full"]["total_params"]
+    assert models["lora"]["artifact_bytes"] < models["full"]["artifact_bytes"]
+    for name in ("report.md", "loss_curves.png", "perplexities.png"):
+        assert (root / "out" / name).stat().st_size > 1000
+    assert (root / "out" / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lora_trainable_count_is_rank_times_in_plus_out(smoke_run):
+    _, results = smoke_run
+    p = get_profile("smoke")
+    d, layers = p.n_embd, p.n_layer
+    per_block = 4 * (d + d) + (d + 4 * d) + (4 * d + d)  # q, k, v, o; mlp up; mlp down
+    lm_head = d + pipeline.prepare("builtin", "smoke", progress=False).tokenizer.vocab_size
+    assert results["models"]["lora_seed"]["trainable_params"] == p.lora_rank * (layers * per_block + lm_head)
+    assert results["models"]["lora"]["trainable_params"] == p.tuned_rank * (layers * per_block + lm_head)
+
+
+def test_same_seed_gives_identical_results_and_the_cache_is_reused(smoke_run, tmp_path: Path, monkeypatch):
+    root, results = smoke_run
+    again = run("builtin", "smoke", tmp_path / "fresh", cache=tmp_path / "cache", progress=False)
+    assert _numbers(again) == _numbers(results)  # retrained from scratch in a new cache: bit-identical
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached artifact should have been reused")
+
+    monkeypatch.setattr(pipeline, "train", no_training)
+    cached = run("builtin", "smoke", tmp_path / "cached", cache=root / "cache", progress=False)
+    assert _numbers(cached) == _numbers(results)
+    assert cached["models"]["base"]["train_seconds"] == results["models"]["base"]["train_seconds"]
+
+
+def test_a_changed_setting_never_reuses_a_stale_artifact(smoke_run, monkeypatch):
+    root, _ = smoke_run
+    calls = []
+    real_train = pipeline.train
+
+    def counting(model, *args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", counting)
+    exp = pipeline.prepare("builtin", "smoke", cache=root / "cache", progress=False, tuned_lr=1e-2)
+    base = pipeline.pretrained_base(exp)
+    pipeline.lora_finetuned(exp, base)  # the tuned recipe's lr changed: retrain LoRA, not the base
+    assert calls == ["lora"]
+
+
+def test_quality_checks_can_fail():
+    entry = {"target_ppl": 2.0, "source_ppl": 2.0, "valid_target_rate": 0.5}
+    results = {
+        "entropy_floor_ppl": {"source": 2.5, "target": 1.5},
+        "models": {"base": {**entry, "target_ppl": 3.0}, "lora": dict(entry), "full": {**entry, "target_ppl": 1.6}},
+    }
+    checks = quality_checks(results)
+    assert checks["lora_beats_base_on_target"] and not checks["lora_within_10pct_of_full"]
+    assert not checks["lora_samples_80pct_valid"] and not checks["no_model_below_floor"]
+
+
+def test_non_finite_loss_names_the_step_and_restores_the_model():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, y):
+            out = self.inner(torch.nn.functional.one_hot(x % 4, 4).float())
+            loss = out.pow(2).mean() * (math.inf if self.calls_ >= 3 else 1.0)
+            self.calls_ += 1
+            return out, loss
+
+    wrapper = Exploding()
+    wrapper.calls_ = 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(epochs=1, lr=0.1, batch_size=2, eval_points=0)
+    with pytest.raises(
+        FloatingPointError, match=r"loss became inf at step 4 of .*learning rate is most likely too high"
+    ):
+        train(wrapper, torch.arange(200), None, config, block_size=4, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_overrides_are_typed_and_validated():
+    assert parse_overrides(["pretrain_epochs=2", "n_layer=3", "builtin_chars=none"]) == {
+        "pretrain_epochs": 2.0,
+        "n_layer": 3,
+        "builtin_chars": None,
+    }
+    with pytest.raises(ValueError, match="fields are:.*pretrain_lr"):
+        parse_overrides(["pretrain_rate=1"])
+    with pytest.raises(ValueError, match="not a valid int"):
+        parse_overrides(["n_layer=two"])
+    with pytest.raises(ValueError, match="unknown profile 'gpu'"):
+        get_profile("gpu")
+    with pytest.raises(ValueError, match="n_embd .* divisible by n_head"):
+        get_profile("smoke", n_head=3)
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path: Path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert cli.main(["run", "--corpus", str(empty), "--profile", "smoke", "--out", str(tmp_path / "o")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert cli.main(["run", "--profile", "smoke", "--set", "lr=1", "--out", str(tmp_path / "o")]) == 2
+    assert "--set expects FIELD=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_real_text_run_has_no_floor_and_no_validity(tmp_path: Path):
+    text = "".join(f"line {i % 17} of a small play, spoken twice.\n" for i in range(600))
+    path = tmp_path / "play.txt"
+    path.write_text(text)
+    results = run(
+        str(path),
+        "smoke",
+        tmp_path / "out",
+        cache=tmp_path / "cache",
+        progress=False,
+        pretrain_epochs=0.2,
+        finetune_epochs=0.2,
+        sample_tokens=20,
+    )
+    assert results["corpus"] == "play.txt" and results["entropy_floor_ppl"] is None
+    assert all(m["valid_target_rate"] is None for m in results["models"].values())
+    assert "no_model_below_floor" not in results["checks"]
