@@ -44,10 +44,10 @@ student: setup
 	$(PY) -m lora_lab.notebook_tools student notebooks build/student
 
 bench: setup
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py --threads 1
 
 pdf: setup
-	$(PY) -m lora_lab run --profile cpu --out $(RUN_DIR)
+	$(PY) -m lora_lab run --profile cpu --sweep --out $(RUN_DIR)
 	$(PY) paper/build.py --run-dir $(RUN_DIR)
 
 clean:

@@ -10,17 +10,19 @@ C, A, B, C, ... with the order rotated each round), each round yields one ratio,
 table shows the median over rounds. Drift and other processes then slow both sides of a
 ratio alike, and one disturbed round moves the median little. Absolute times are in the JSON.
 
-Rows (goals from /work/shared/notes/lora-cost.md and the course's claims):
-  * LoRA training step / full fine-tuning step, same model and batch (goal ≤ 0.75; the FLOP
-    model's floor is a little above 2/3), on the "cpu" profile's model and on a d=384,
-    4-layer, 7.2M-parameter GPT with batch 32×128 (the note's setting);
+Rows, each with its goal:
+  * LoRA training step / full fine-tuning step, same model and batch (goal ≤ 0.75). A frozen
+    weight skips one of a linear layer's three matrix products, so the FLOP floor is 2/3 plus
+    what costs the same either way (attention, GELU, LayerNorm, ...). On the "cpu" profile's
+    model and on a d=384, 4-layer, 7.2M-parameter GPT with batch 32×128;
   * lora_lab's step / Hugging Face PEFT's step, same targets and rank (goal ≤ 0.80), plus
     loralib, the plain readable path and the seed's layer as contrasts (no goal);
   * inference, no_grad and eval: unmerged LoRA forward / base forward (goal ≤ 1.05), and the
     ``merge_lora`` copy / base (goal 1.00, within ±0.03 of noise);
   * generation, 256 new tokens: recomputing the context / using the KV cache (goal ≥ 3×);
   * peak resident memory (RSS high-water mark, each run in a fresh process) of a LoRA
-    training step / a full fine-tuning step on the "seed" profile's model (goal ≤ 0.75).
+    training step / a full fine-tuning step on the "seed" profile's model at its batch size
+    (goal ≤ 0.75), and, as a contrast, at a small batch where activations weigh less.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def full_settings() -> dict[str, ModelSetting]:
     return {
         "cpu": _profile_setting("cpu", dict(block_size=128, n_layer=4, n_head=4, n_embd=128), 32),
         "7m": ModelSetting("7.2M GPT", GPTConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=4, n_head=6,
-                                                  n_embd=384, dropout=0.0), 32, note="lora-cost.md's setting"),
+                                                  n_embd=384, dropout=0.0), 32),
         "seed": _profile_setting("seed", dict(block_size=256, n_layer=4, n_head=6, n_embd=384), 64),
     }
 
@@ -121,13 +123,15 @@ class RunSettings:
     warmup: int  # untimed calls of each contender first (allocations, optimiser state)
     gen_tokens: int
     gen_rounds: int
+    memory_small_batch: int  # the second, small batch of the memory rows
     models: dict[str, ModelSetting]
 
 
 def run_settings(quick: bool, rounds: int | None) -> RunSettings:
     if quick:
-        return RunSettings(True, rounds or 2, 1, 8, 1, quick_settings())
-    return RunSettings(False, rounds or 7, 2, 256, 3, full_settings())
+        # memory_small_batch = the tiny batch itself: the two memory rows then share two processes.
+        return RunSettings(True, rounds or 2, 1, 8, 1, 2, quick_settings())
+    return RunSettings(False, rounds or 7, 2, 256, 3, 4, full_settings())
 
 
 # --------------------------------------------------------------------------- measuring
@@ -255,26 +259,39 @@ def training_step(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tens
 
 
 def bench_training(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm | None) -> list[Row]:
+    """Two races: the contenders with goals (full, lora_lab, PEFT) in short rounds, so that
+    drift between the two sides of a ratio stays small, then the contrasts."""
     base = _base_model(setting)
     idx, targets = _batch(setting, seed=1)
-    names = ("full", "lora_lab", "peft", "loralib", "lora_lab_plain", "seed")
-    steps = {name: training_step(build_variant(name, base, RANK, ALPHA), idx, targets) for name in names}
-    times = race(steps, run.rounds, run.warmup, bar)
-    details = {"model": setting.describe(), "rounds": run.rounds,
-               "median_seconds": {n: statistics.median(t) for n, t in times.items()}}
+
+    def contenders(names: Sequence[str]) -> dict[str, Callable[[], None]]:
+        return {name: training_step(build_variant(name, base, RANK, ALPHA), idx, targets) for name in names}
+
+    times = race(contenders(("full", "lora_lab", "peft")), run.rounds, run.warmup, bar)
+    contrast_rounds = max(1, (run.rounds + 1) // 2)
+    contrast = race(contenders(("full", "lora_lab", "loralib", "lora_lab_plain", "seed")), contrast_rounds,
+                    run.warmup, bar)
+
+    def details(t: dict[str, list[float]], rounds: int) -> dict:
+        return {"model": setting.describe(), "rounds": rounds, "seconds_per_round": t,
+                "median_seconds": {n: statistics.median(v) for n, v in t.items()}}
+
+    main, side = details(times, run.rounds), details(contrast, contrast_rounds)
     where = f"{setting.label}, r={RANK} on {','.join(TARGETS)}"
     rows = [
         Row(f"train.{key}.lora_lab_vs_full", f"LoRA step / full fine-tuning step ({where})",
-            median_ratio(times, "lora_lab", "full"), 0.75, details=details),
+            median_ratio(times, "lora_lab", "full"), 0.75, details=main),
         Row(f"train.{key}.lora_lab_vs_peft", f"lora_lab LoRA step / PEFT LoRA step ({setting.label})",
-            median_ratio(times, "lora_lab", "peft"), 0.80, details=details),
+            median_ratio(times, "lora_lab", "peft"), 0.80, details=main),
+        Row(f"train.{key}.peft_vs_full", f"PEFT step / full fine-tuning step ({setting.label})",
+            median_ratio(times, "peft", "full"), details=main),
         Row(f"train.{key}.lora_lab_vs_loralib", f"lora_lab LoRA step / loralib LoRA step ({setting.label})",
-            median_ratio(times, "lora_lab", "loralib"), details=details),
+            median_ratio(contrast, "lora_lab", "loralib"), details=side),
     ]
-    for name, what in (("peft", "PEFT"), ("loralib", "loralib"), ("lora_lab_plain", "plain readable path"),
+    for name, what in (("loralib", "loralib"), ("lora_lab_plain", "plain readable path (fused=False)"),
                        ("seed", "seed's layer (materialises B·Aᵀ)")):
         rows.append(Row(f"train.{key}.{name}_vs_full", f"{what} step / full fine-tuning step ({setting.label})",
-                        median_ratio(times, name, "full"), details=details))
+                        median_ratio(contrast, name, "full"), details=side))
     return rows
 
 
@@ -294,10 +311,14 @@ def bench_inference(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm
                 model(idx)
         return call
 
-    times = race({"base": forward(base), "unmerged": forward(lora), "merged": forward(merged)},
-                 run.rounds, run.warmup, bar)
-    details = {"model": setting.describe(), "rounds": run.rounds,
-               "median_seconds": {n: statistics.median(t) for n, t in times.items()}}
+    # A forward pass is a fraction of a training step, and the goals here sit within a few per
+    # cent of 1: three times the rounds.
+    rounds = 3 * run.rounds
+    times = race({"base": forward(base), "unmerged": forward(lora), "merged": forward(merged)}, rounds, run.warmup)
+    if bar is not None:
+        bar.update(1)
+    details = {"model": setting.describe(), "rounds": rounds,
+               "seconds_per_round": times, "median_seconds": {n: statistics.median(t) for n, t in times.items()}}
     return [
         Row(f"infer.{key}.unmerged_vs_base", f"unmerged LoRA forward / base forward, no_grad ({setting.label})",
             median_ratio(times, "unmerged", "base"), 1.05, details=details),
@@ -315,11 +336,11 @@ def bench_generation(key: str, setting: ModelSetting, run: RunSettings, bar: tqd
         "no_cache": lambda: model.generate(prompt, n, temperature=0.0, use_cache=False),
         "cache": lambda: model.generate(prompt, n, temperature=0.0, use_cache=True),
     }
-    times = race(calls, run.gen_rounds, 1, bar)
-    same = torch.equal(calls["cache"](), calls["no_cache"]())
+    same = torch.equal(calls["cache"](), calls["no_cache"]())  # doubles as the warm-up
+    times = race(calls, run.gen_rounds, 0, bar)
     details = {"model": setting.describe(), "new_tokens": n, "prompt_tokens": 1, "rounds": run.gen_rounds,
                "same_tokens_with_and_without_cache": same,
-               "median_seconds": {k: statistics.median(t) for k, t in times.items()}}
+               "seconds_per_round": times, "median_seconds": {k: statistics.median(t) for k, t in times.items()}}
     if 1 + n > setting.config.block_size:
         details["note"] = (f"the context outgrows block_size={setting.config.block_size} after "
                            f"{setting.config.block_size - 1} tokens: past that, the cache is rebuilt at every step")
@@ -331,11 +352,30 @@ def bench_generation(key: str, setting: ModelSetting, run: RunSettings, bar: tqd
 # ---- peak memory, each contender in a fresh process (RSS high-water marks never go down)
 
 
+def _rss_mb() -> tuple[float, float]:
+    """(current RSS, RSS high-water mark) of this process, in MiB.
+
+    On Linux from /proc/self/status (VmRSS, VmHWM): ``getrusage``'s ``ru_maxrss`` would be wrong
+    here, because Linux carries the parent's high-water mark over into a child across fork and
+    exec (measured: a child of a 2.5 GB parent reported 2.5 GB before doing anything). VmHWM
+    belongs to the process's own address space, which exec makes new. Elsewhere (macOS) a fresh
+    process's ``ru_maxrss`` is its own, and serves for both numbers.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024  # kB
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mb = peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+        return peak_mb, peak_mb
+
+
 def memory_child(spec: dict) -> dict:
-    """Run in a fresh process: build the model, train ``steps`` steps, report RSS high-water marks."""
+    """Run in a fresh process: build the model, train ``steps`` steps, report RSS figures."""
     torch.set_num_threads(spec["threads"])
     setting = ModelSetting("child", GPTConfig.from_dict(spec["config"]), spec["batch_size"])
-    after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after_import, _ = _rss_mb()
     base = _base_model(setting)
     model = base if spec["variant"] == "full" else build_variant(spec["variant"], base, RANK, ALPHA)
     del base
@@ -344,36 +384,52 @@ def memory_child(spec: dict) -> dict:
     step = training_step(model, idx, targets)
     for _ in range(spec["steps"]):  # the 2nd step runs with AdamW's state allocated: the steady state
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss: KiB on Linux, bytes on macOS
-    return {"variant": spec["variant"], "after_import_mb": after_import / scale, "peak_mb": peak / scale}
+    _, peak = _rss_mb()
+    return {"variant": spec["variant"], "after_import_mb": after_import, "peak_mb": peak}
 
 
-def _run_memory_child(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"the memory measurement for {spec['variant']!r} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def bench_memory(key: str, setting: ModelSetting, run: RunSettings, threads: int, bar: tqdm | None) -> list[Row]:
-    spec = {"config": setting.config.to_dict(), "batch_size": setting.batch_size, "threads": threads, "steps": 2}
+def _memory_children(specs: dict[tuple[str, int], dict], bar: tqdm | None) -> dict[tuple[str, int], dict]:
+    """Run every spec in its own fresh process, all at once (their RSS are their own, and no
+    timing is taken here, so sharing the CPU changes nothing but the wait)."""
+    this_file = str(Path(__file__).resolve())
+    children = {
+        key: subprocess.Popen([sys.executable, this_file, "--_memory-child", json.dumps(spec)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for key, spec in specs.items()
+    }
     results = {}
-    for variant in ("full", "lora_lab"):
-        results[variant] = _run_memory_child({**spec, "variant": variant})
+    for key, child in children.items():
+        stdout, stderr = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"the memory measurement {key} failed (exit {child.returncode}):\n{stderr[-3000:]}")
+        results[key] = json.loads(stdout.strip().splitlines()[-1])
         if bar is not None:
             bar.update(1)
-    full, lora = results["full"], results["lora_lab"]
-    # What training adds above the interpreter and torch's libraries (the same in both runs);
-    # a tiny model (--quick) may never rise above the import's own high-water mark.
-    added = {k: r["peak_mb"] - r["after_import_mb"] for k, r in results.items()}
-    details = {
-        "model": setting.describe(), "steps": spec["steps"], **{f"{k}_mb": v for k, v in results.items()},
-        "above_import_ratio": added["lora_lab"] / added["full"] if added["full"] > 0 else None,
-    }
-    return [Row(f"memory.{key}.lora_lab_vs_full", f"peak RSS, LoRA step / full fine-tuning step ({setting.label})",
-                lora["peak_mb"] / full["peak_mb"], 0.75, details=details)]
+    return results
+
+
+def bench_memory(key: str, setting: ModelSetting, small_batch: int, threads: int, bar: tqdm | None) -> list[Row]:
+    """Peak RSS of LoRA vs full fine-tuning at the profile's batch (the goal) and at a small one:
+    LoRA saves the frozen weights' gradients and AdamW moments (12 bytes per parameter), while
+    activations cost the same in both, so the ratio depends on how much activations weigh."""
+    base_spec = {"config": setting.config.to_dict(), "threads": threads, "steps": 2}
+    specs = {(variant, batch): {**base_spec, "variant": variant, "batch_size": batch}
+             for batch in (setting.batch_size, small_batch) for variant in ("full", "lora_lab")}
+    results = _memory_children(specs, bar)
+    rows = []
+    for batch, row_id, goal in ((setting.batch_size, f"memory.{key}.lora_lab_vs_full", 0.75),
+                                (small_batch, f"memory.{key}.small_batch.lora_lab_vs_full", None)):
+        full, lora = results[("full", batch)], results[("lora_lab", batch)]
+        # What training adds above the interpreter and torch's libraries (the same in both runs);
+        # a tiny model (--quick) may never rise above the import's own high-water mark.
+        added_full, added_lora = (r["peak_mb"] - r["after_import_mb"] for r in (full, lora))
+        details = {"model": setting.describe(), "batch": f"{batch}×{setting.config.block_size}",
+                   "steps": base_spec["steps"], "full_mb": full, "lora_lab_mb": lora,
+                   "above_import_ratio": added_lora / added_full if added_full > 0 else None}
+        rows.append(Row(row_id, f"peak RSS, LoRA step / full fine-tuning step ({setting.label}, batch "
+                                f"{batch}×{setting.config.block_size})", lora["peak_mb"] / full["peak_mb"], goal,
+                        details=details))
+    return rows
 
 
 # --------------------------------------------------------------------------- main
@@ -381,7 +437,7 @@ def bench_memory(key: str, setting: ModelSetting, run: RunSettings, threads: int
 
 def run_all(run: RunSettings, threads: int) -> list[Row]:
     models = run.models
-    n_races = 2 * run.rounds + run.rounds * 2 + run.gen_rounds + 2
+    n_races = 2 * (run.rounds + max(1, (run.rounds + 1) // 2)) + 2 + run.gen_rounds + 4
     with tqdm(total=n_races, desc="benchmark rounds", disable=run.quick, file=sys.stderr) as bar:
         rows = []
         for key in ("cpu", "7m"):
@@ -389,7 +445,7 @@ def run_all(run: RunSettings, threads: int) -> list[Row]:
         for key in ("cpu", "7m"):
             rows += bench_inference(key, models[key], run, bar)
         rows += bench_generation("seed", models["seed"], run, bar)
-        rows += bench_memory("seed", models["seed"], run, threads, bar)
+        rows += bench_memory("seed", models["seed"], run.memory_small_batch, threads, bar)
     for row in rows:
         row.judge(run.quick)
     return rows
@@ -401,6 +457,9 @@ def print_report(machine: dict, run: RunSettings, rows: Sequence[Row]) -> None:
           f"{machine['torch_threads']} threads; Python {machine['python']}")
     print(f"  load average at start: {machine['load_average_at_start']}, at end: {machine.get('load_average_at_end')}"
           " (other processes slow both sides of a ratio, but add noise)")
+    if machine["busy"]:
+        print(f"  WARNING: the machine was busy (more runnable processes than its {machine['logical_cores']} cores): "
+              "expect noisy ratios, especially with several threads; rerun on a quiet machine, or with --threads 1")
     for setting in run.models.values():
         print(f"  model {setting.describe()}")
     print(f"  medians of {run.rounds} alternating rounds after {run.warmup} warm-up calls each "
@@ -414,7 +473,8 @@ def print_report(machine: dict, run: RunSettings, rows: Sequence[Row]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run on tiny sizes; judges nothing")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write results (default {DEFAULT_JSON})")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                        help=f"where to write results (default {DEFAULT_JSON.relative_to(HERE.parent)})")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: all cores; 1 with --quick, where thread start-up would dominate)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7; quick 2)")
@@ -433,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_description(torch.get_num_threads())
     rows = run_all(run, torch.get_num_threads())
     machine["load_average_at_end"] = _load_average()
+    loads = [la[0] for la in (machine["load_average_at_start"], machine["load_average_at_end"]) if la]
+    machine["busy"] = bool(loads) and max(loads) > (machine["logical_cores"] or 1)
     print_report(machine, run, rows)
 
     payload = {

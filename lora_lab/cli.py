@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         help="override a profile field, e.g. --set pretrain_epochs=2 (repeatable)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--sweep", action="store_true",
+                     help="also run the rank sweep and write sweep.json, rank_sweep.png, spectrum.png")
     return parser
 
 

@@ -4,8 +4,8 @@ The readable path, ``original_layer(x) + lora(x)``, is what the lessons teach. U
 it is slower than it needs to be: it writes the adapter's ``(N, d_out)`` output and adds it to
 the base output, and in backward writes a second ``(N, d_in)`` input gradient and adds the two —
 four extra passes over activation-sized tensors per layer, on a CPU where memory traffic, not
-arithmetic, bounds those skinny rank-``r`` products. With a 7M-parameter GPT that made a LoRA
-step cost about as much as a full fine-tuning step (/work/shared/notes/lora-cost.md).
+arithmetic, bounds those skinny rank-``r`` products. On a 7M-parameter GPT that left a LoRA
+step nearly as slow as a full fine-tuning step (``benchmarks/bench.py`` measures both).
 
 :func:`lora_linear` computes ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` (``s`` = ``scaling``) and its
 gradients directly:
@@ -19,14 +19,16 @@ gradients directly:
     the forward output and the input gradient are each **one** GEMM, exactly like a plain
     ``nn.Linear``; no extra ``(N, ·)`` pass at all. Only valid when the adapter sees the same
     input as ``W`` (no dropout, or dropout inactive in eval).
-  - *factorised*: ``y = addmm(b, x, Wᵀ)`` then ``y += u Bᵀ`` in place with ``u = x (s·A)ᵀ``,
-    costing ``2·N·r·(d_in + d_out)`` FLOPs and one read-modify-write of ``y``.
+  - *factorised*: ``y = x Wᵀ + b``, then ``y += s·u Bᵀ`` in place with ``u = x Aᵀ``, costing
+    ``2·N·r·(d_in + d_out)`` FLOPs and one read-modify-write of ``y``.
 
-  The merged weight is cheaper when ``N·(d_in + d_out) > d_in·d_out`` (the note's crossover),
-  i.e. for every training batch of a few hundred tokens or more; the factorised graph wins
-  for a handful of tokens (token-by-token generation) and is the only one with dropout.
-* **scaling folded into the r-wide matrices** (``s·A`` is ``r × d_in``, ``s·B`` is ``d_out × r``)
-  so no elementwise pass over an ``(N, d_out)`` tensor is spent on it.
+  By FLOPs the merged weight is cheaper when ``N·(d_in + d_out) > d_in·d_out`` (the note's
+  crossover; measured, about half that N, see :data:`MERGED_WEIGHT_CROSSOVER`), i.e. for every
+  training batch of a hundred tokens or more; the factorised graph wins for a handful of
+  tokens (token-by-token generation) and is the only one allowed with dropout.
+* **scaling folded into small things**: the GEMMs' ``alpha`` (building ``W_eff``, ``y += s·u Bᵀ``)
+  or the r-wide matrices (``s·A`` is ``r × d_in``, ``s·B`` is ``d_out × r``), so no elementwise
+  pass over an ``(N, d_out)`` tensor is spent on it.
 * **A and B gradients by small GEMMs**: ``dA = (g·sB)ᵀ x`` and ``dB = gᵀ (x·sAᵀ)``, where
   ``g`` is the output gradient.
 * **only the inputs are saved**: backward rebuilds ``W_eff`` and ``u`` from ``x, W, A, B`` (their
@@ -50,25 +52,35 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-__all__ = ["STRATEGIES", "MERGED_WEIGHT_CROSSOVER", "lora_linear", "choose_merged_weight"]
+__all__ = [
+    "STRATEGIES", "MERGED_WEIGHT_CROSSOVER", "FACTORISED_CALL_OVERHEAD", "lora_linear", "choose_merged_weight",
+]
 
 Strategy = Literal["auto", "merged", "factorised"]
 
 #: Accepted values of ``strategy``: ``"auto"`` picks per shape; the other two force one graph.
 STRATEGIES: tuple[str, ...] = ("auto", "merged", "factorised")
 
-#: ``"auto"`` uses the merged weight when ``N·(d_in + d_out) > MERGED_WEIGHT_CROSSOVER·d_in·d_out``.
-#: 1.0 is the FLOP break-even: building ``s·B A`` costs ``2·r·d_in·d_out`` FLOPs, the factorised
-#: branch ``2·N·r·(d_in + d_out)``. Timed on the project's 2-core CPU the break-even moves towards
-#: smaller N, since the factorised branch also pays a memory-bound pass over the ``(N, d_out)``
-#: output that FLOPs do not count; 1.0 keeps the rule simple and errs on the side of the
-#: factorised branch, whose cost is small either way at that size.
-MERGED_WEIGHT_CROSSOVER = 1.0
+#: ``"auto"`` uses the merged weight when
+#: ``N·(d_in + d_out) + FACTORISED_CALL_OVERHEAD > MERGED_WEIGHT_CROSSOVER·d_in·d_out``.
+#: A crossover of 1.0 would be the FLOP break-even: building ``s·B A`` costs ``2·r·d_in·d_out``
+#: FLOPs, the factorised branch ``2·N·r·(d_in + d_out)``. Timed on the project's 2-core CPU (torch
+#: 2.13, forward + backward and no_grad forward, d = 128 and 384, N = 1…512) the merged weight
+#: already wins at about half that N: the factorised branch also pays a memory-bound
+#: read-modify-write of the ``(N, d_out)`` output, which FLOPs do not count.
+MERGED_WEIGHT_CROSSOVER = 0.5
+
+#: The factorised branch makes two more operator calls than the merged one, a few microseconds
+#: each; in units of ``N·(d_in + d_out)`` that is worth about this much. It only matters for small
+#: layers at a handful of tokens (token-by-token generation): timed at N = 1, the merged weight
+#: wins up to ``d_in·d_out`` ≈ 192² (merged / factorised time: 0.84 at 128 × 128, 1.8 at 384 × 384).
+FACTORISED_CALL_OVERHEAD = 16384
 
 
 def choose_merged_weight(n_tokens: int, in_features: int, out_features: int) -> bool:
     """Whether ``"auto"`` uses the merged weight ``W + s·B A`` for ``n_tokens`` input rows."""
-    return n_tokens * (in_features + out_features) > MERGED_WEIGHT_CROSSOVER * in_features * out_features
+    return (n_tokens * (in_features + out_features) + FACTORISED_CALL_OVERHEAD
+            > MERGED_WEIGHT_CROSSOVER * in_features * out_features)
 
 
 def _merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -92,11 +104,10 @@ def _forward(
     # F.linear on x as given (not a 2-D reshape of it) runs the very kernel nn.Linear runs, so
     # with B = 0 the result is bit-identical to the base layer's, as the readable path's is.
     y = F.linear(x, weight, bias).contiguous()  # fresh, so contiguous already: a no-op check
-    adapter_input = (x if x_lora is None else x_lora).reshape(-1, x.shape[-1])
-    u = adapter_input @ (lora_A * scaling).t()  # (N, r): the only new activation
-    # In place: y += u Bᵀ reads and writes y once, instead of writing a second (N, d_out)
-    # tensor and then adding the two (three more passes).
-    y.view(-1, y.shape[-1]).addmm_(u, lora_B.t())
+    u = (x if x_lora is None else x_lora).reshape(-1, x.shape[-1]) @ lora_A.t()  # (N, r): the only new activation
+    # In place, y += s·u Bᵀ reads and writes y once, instead of writing a second (N, d_out)
+    # tensor and then adding the two (three more passes); s rides on the GEMM (its alpha).
+    y.view(-1, y.shape[-1]).addmm_(u, lora_B.t(), alpha=scaling)
     return y
 
 
@@ -198,13 +209,30 @@ def lora_linear(
             "use strategy='factorised' or 'auto'"
         )
 
-    n_tokens = math.prod(x.shape[:-1])  # rows of the (N, d_in) matrix the GEMMs see
+    return _lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), x_lora, strategy)
+
+
+def _lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    x_lora: torch.Tensor | None,
+    strategy: Strategy = "auto",
+) -> torch.Tensor:
+    """:func:`lora_linear` without its argument checks, for ``LoRALinear``, which built A and B
+    to fit W itself (a wrong ``x`` then fails in ``F.linear`` exactly as on the plain path).
+    Token-by-token generation calls this once per layer per token, so every microsecond shows."""
     if strategy == "auto":
+        n_tokens = x.numel() // x.shape[-1]  # rows of the (N, d_in) matrix the GEMMs see
         merged = x_lora is None and choose_merged_weight(n_tokens, weight.shape[1], weight.shape[0])
     else:
         merged = strategy == "merged"
-
-    args = (x, weight, bias, lora_A, lora_B, x_lora)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return _LoRALinearFunction.apply(*args, float(scaling), merged)
-    return _forward(*args, float(scaling), merged)  # inference: same kernels, no autograd bookkeeping
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+        or (bias is not None and bias.requires_grad) or (x_lora is not None and x_lora.requires_grad)
+    ):
+        return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, x_lora, scaling, merged)
+    return _forward(x, weight, bias, lora_A, lora_B, x_lora, scaling, merged)  # inference: no autograd bookkeeping

@@ -175,7 +175,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
             new_weight = linear.weight + module.lora.delta_weight().to(linear.weight.dtype)
             if not torch.isfinite(new_weight).all():
                 raise ValueError(f"merging {name} would produce non-finite weights; the model was not merged")
-            linear.weight.copy_(new_weight)
+            # A new tensor, not an in-place write: the weight may be shared (a head tied to the embedding).
+            linear.weight = nn.Parameter(new_weight, requires_grad=linear.weight.requires_grad)
         parent_name, _, child_name = name.rpartition(".")
         parent = merged.get_submodule(parent_name) if parent_name else merged
         setattr(parent, child_name, linear)

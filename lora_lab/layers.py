@@ -15,12 +15,13 @@ which is the cost LoRA exists to avoid (the seed's slip; see notebook 02).
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from .fused import lora_linear
+from .fused import _lora_linear
 
 __all__ = ["LoRALayer", "LoRALinear", "INIT_METHODS"]
 
@@ -29,9 +30,9 @@ INIT_METHODS = ("kaiming", "gaussian", "seed")
 
 
 def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_positive_real(name: str, value: object) -> float:
@@ -186,57 +187,68 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.original_layer(x)
-        if not (self.fused and self._fast_path_applies(x)):
-            return self.original_layer(x) + self.lora(x)
-        lora = self.lora
-        # Dropout runs here, outside the fused Function, so autograd's dropout node keeps the
-        # mask and the mask is the one lora(x) would draw. Identity, or Dropout in eval, hand
-        # back x itself: then the adapter sees x and the merged-weight graph is allowed.
-        x_lora = lora.dropout(x)
-        return lora_linear(
-            x,
-            self.original_layer.weight,
-            self.original_layer.bias,
-            lora.lora_A,
-            lora.lora_B,
-            lora.scaling,
-            None if x_lora is x else x_lora,
-        )
+        if self.fused:
+            # Each attribute is read once: nn.Module attribute lookups cost microseconds, which
+            # token-by-token generation pays per layer per token.
+            base, lora = self.original_layer, self.lora
+            weight, lora_A, lora_B = base.weight, lora.lora_A, lora.lora_B
+            if self._fast_path_applies(x, base, lora, weight, lora_A, lora_B):
+                # Dropout runs here, outside the fused Function, so autograd's dropout node keeps
+                # the mask, and the mask is the one lora(x) would draw. nn.Identity, or Dropout in
+                # eval, hands back x itself: the adapter then sees x, and the merged weight is allowed.
+                dropout = lora.dropout
+                x_lora = x if type(dropout) is nn.Identity else dropout(x)
+                return _lora_linear(x, weight, base.bias, lora_A, lora_B, lora.scaling, None if x_lora is x else x_lora)
+        return self.original_layer(x) + self.lora(x)
 
-    def _fast_path_applies(self, x: torch.Tensor) -> bool:
+    @staticmethod
+    def _fast_path_applies(x, base, lora, weight, lora_A, lora_B) -> bool:
         """Whether :func:`~lora_lab.fused.lora_linear` computes exactly what the plain path does."""
-        base, lora = self.original_layer, self.lora
         if type(base).forward is not nn.Linear.forward or type(lora).forward is not LoRALayer.forward:
             return False  # a subclass computes something else
-        if base._forward_hooks or base._forward_pre_hooks or lora._forward_hooks or lora._forward_pre_hooks:
+        dropout = lora.dropout
+        if (base._forward_hooks or base._forward_pre_hooks or lora._forward_hooks or lora._forward_pre_hooks
+                or dropout._forward_hooks or dropout._forward_pre_hooks
+                or _global_forward_hooks or _global_forward_pre_hooks):
             return False  # hooks must see the modules run
-        if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
-            return False  # autocast casts per op: leave that to the ops it was written for
-        dtype = base.weight.dtype
-        return x.dtype == dtype and lora.lora_A.dtype == dtype and lora.lora_B.dtype == dtype
+        dtype = weight.dtype
+        if x.dtype != dtype or lora_A.dtype != dtype or lora_B.dtype != dtype or not x.is_floating_point():
+            return False  # mixed dtypes: the plain path's ops decide (and raise) as they always did
+        # Autocast casts per op: leave that to the ops it was written for.
+        return not torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``ΔW`` into the base weight, in place, so inference costs exactly the base
-        layer. Refused when already merged, and when the merged weight would not be finite
-        (the layer is then left unchanged, as PEFT's ``safe_merge``)."""
+        """Fold ``ΔW`` into the base weight so inference costs exactly the base layer.
+
+        The layer gets a new weight ``W + ΔW``; the original ``W`` is kept aside, untouched, so
+        :meth:`unmerge` restores it bit for bit, and a weight shared with another module (a
+        language-model head tied to the token embedding) is never changed through this layer.
+        The price is one extra weight-sized tensor while merged. Refused when already merged,
+        while disabled, and when the merged weight would not be finite (the layer is then left
+        unchanged, as PEFT's ``safe_merge``)."""
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged; call unmerge() before merging again")
-        merged_weight = self.original_layer.weight + self.lora.delta_weight().to(self.original_layer.weight.dtype)
+        if self.disabled:
+            raise RuntimeError("cannot merge inside disable_lora(): the adapter is switched off; merge after the block")
+        weight = self.original_layer.weight
+        merged_weight = weight + self.lora.delta_weight().to(weight.dtype)
         if not torch.isfinite(merged_weight).all():
             raise ValueError(
                 "merging would produce non-finite weights (the adapter holds NaN/inf or overflows the "
                 "weight's dtype); the layer was left unmerged — check the adapter's training"
             )
-        self.original_layer.weight.copy_(merged_weight)
+        self._unmerged_weight = weight
+        self.original_layer.weight = nn.Parameter(merged_weight, requires_grad=weight.requires_grad)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ``ΔW`` from the base weight again (exact up to float rounding)."""
+        """Put the original base weight back (exactly: it was kept aside by :meth:`merge`)."""
         if not self.merged:
             raise RuntimeError("this LoRALinear is not merged; nothing to unmerge")
-        self.original_layer.weight.sub_(self.lora.delta_weight().to(self.original_layer.weight.dtype))
+        self.original_layer.weight = self._unmerged_weight
+        del self._unmerged_weight
         self.merged = False
 
     def extra_repr(self) -> str:

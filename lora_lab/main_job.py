@@ -36,6 +36,7 @@ def run(
     device: str | None = None,
     cache: str | os.PathLike | None = None,
     progress: bool = True,
+    sweep: bool = False,
     **overrides,
 ) -> dict:
     """Run the whole comparison and write its artifacts into ``out``; return results.json's dict::
@@ -47,6 +48,8 @@ def run(
              "artifact_bytes", "valid_target_rate" (null for real text), "samples": [str, ...]}
 
     ``lora`` is the recommended (tuned) LoRA recipe, ``lora_seed`` the seed's r=4, α=1, lr 1e-3.
+    With ``sweep=True`` it also runs the rank sweep and writes ``sweep.json``, ``rank_sweep.png``
+    and ``spectrum.png`` (:func:`lora_lab.analysis.analyse_run`; the companion PDF uses them).
     """
     exp = prepare(corpus, profile, device=device, cache=cache, progress=progress, **overrides)
     out = Path(out)
@@ -71,6 +74,10 @@ def run(
         "histories": {name: h.to_dict() for name, h in exp.trained.items()},
     }
     results["checks"] = quality_checks(results)
+    if sweep:
+        from .analysis import analyse_run
+
+        analyse_run(exp, base, models["full"], models["lora"], out, reference=results["models"])
     write_outputs(exp, results, out)
     return results
 

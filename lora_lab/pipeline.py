@@ -50,13 +50,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LoRARecipe:
-    """How to LoRA-fine-tune: rank, α, learning rate and which modules (None = every nn.Linear)."""
+    """How to LoRA-fine-tune: rank, α, learning rate, which modules (None = every nn.Linear) and
+    for how many epochs (None = the profile's ``finetune_epochs``; sweeps use fewer)."""
 
     name: str
     rank: int
     alpha: float
     lr: float
     target_modules: tuple[str, ...] | None = None
+    epochs: float | None = None
+    use_rslora: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +68,8 @@ class LoRARecipe:
             "alpha": self.alpha,
             "lr": self.lr,
             "target_modules": list(self.target_modules) if self.target_modules else None,
+            "epochs": self.epochs,
+            "use_rslora": self.use_rslora,
         }
 
 
@@ -103,9 +108,9 @@ class Experiment:
         p = self.profile
         return LoRARecipe("lora", p.tuned_rank, p.tuned_alpha, p.tuned_lr)
 
-    def finetune_config(self, lr: float) -> TrainConfig:
+    def finetune_config(self, lr: float, epochs: float | None = None) -> TrainConfig:
         p = self.profile
-        return TrainConfig(epochs=p.finetune_epochs, lr=lr, batch_size=p.batch_size, seed=p.seed + 1)
+        return TrainConfig(epochs=epochs or p.finetune_epochs, lr=lr, batch_size=p.batch_size, seed=p.seed + 1)
 
 
 def prepare(
@@ -213,14 +218,17 @@ def pretrained_base(exp: Experiment) -> GPT:
 def lora_finetuned(exp: Experiment, base: GPT, recipe: LoRARecipe | None = None) -> nn.Module:
     """A LoRA copy of ``base`` fine-tuned on the target part; ``base`` is not modified."""
     recipe = recipe or exp.tuned_recipe()
-    config = exp.finetune_config(recipe.lr)
-    key = _key(stage="lora", base=_base_key(exp), recipe=recipe.to_dict(), train=config.__dict__)
+    config = exp.finetune_config(recipe.lr, recipe.epochs)
+    # The recipe's name is a label, not a setting: the same settings under another name reuse the artifact.
+    settings = {k: v for k, v in recipe.to_dict().items() if k != "name"}
+    key = _key(stage="lora", base=_base_key(exp), recipe=settings, train=config.__dict__)
     seed_everything(config.seed)  # A's random init comes from the global generator
     model = apply_lora_to_model(
         base,
         rank=recipe.rank,
         alpha=recipe.alpha,
         target_modules=list(recipe.target_modules) if recipe.target_modules else None,
+        use_rslora=recipe.use_rslora,
     )
     with _artifact_dir(exp, "lora", key) as (final, work):
         if work is not None:

@@ -95,23 +95,37 @@ PROFILES: dict[str, Profile] = {
         finetune_epochs=1.0,
         sample_tokens=60,
     ),
+    # Two blocks of width 128 (≈0.4M parameters): the grammar needs little depth, and half the
+    # layers buys twice the steps. A 64-character window holds a whole sentence (mean 35-40) and
+    # its predecessor. Measured on 2 cores: pretraining (10 epochs, ~710 steps at lr 4e-3) reaches
+    # the source's entropy floor within 1% and ~90% valid samples; 4 blocks in the same time did not.
     "cpu": Profile(
         name="cpu",
-        block_size=128,
-        n_layer=4,
+        block_size=64,
+        n_layer=2,
         n_head=4,
         n_embd=128,
-        batch_size=32,
-        pretrain_epochs=4.0,
-        pretrain_lr=3e-3,
-        finetune_epochs=5.0,
+        batch_size=64,
+        pretrain_epochs=10.0,
+        pretrain_lr=4e-3,
+        # The seed's 5 epochs of the 20% part are only ~90 steps here; 15 (~270 steps) let both
+        # full fine-tuning and the tuned LoRA get within ~2% of the target's entropy floor.
+        finetune_epochs=15.0,
+        tuned_rank=16,
+        tuned_alpha=32.0,
+        tuned_lr=1e-2,
+        full_lr=2e-3,
+        sample_tokens=400,  # ~40 complete sentences over the 4 prompts: validity rates to ±7%
     ),
+    # The course's model had ≈ 8.2M parameters. 4 blocks of width 408 (6 heads of 68) give
+    # 8,116,752 + 816·vocab: 8.14M on the built-in corpus (31 characters), 8.17M on Tiny
+    # Shakespeare (65), both within 1% (tests/test_profiles.py).
     "seed": Profile(
         name="seed",
         block_size=256,
         n_layer=4,
         n_head=6,
-        n_embd=384,
+        n_embd=408,
         batch_size=64,
         pretrain_epochs=10.0,
         pretrain_lr=1e-2,

@@ -90,9 +90,8 @@ class TinyLM(nn.Module):
         return self.head(self.seq(x))
 
 
-ALL_LINEARS = [
-    f"blocks.{i}.{name}" for i in range(2) for name in ("attn.q", "attn.k", "attn.v", "attn.qq", "attn.o", "mlp.0", "mlp.2")
-] + ["seq", "head"]
+BLOCK_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.qq", "attn.o", "mlp.0", "mlp.2")
+ALL_LINEARS = [f"blocks.{i}.{name}" for i in range(2) for name in BLOCK_LINEARS] + ["seq", "head"]
 
 
 @pytest.fixture
@@ -279,7 +278,8 @@ def test_model_without_linear_is_refused() -> None:
 def test_model_already_holding_lora_is_refused(model: TinyLM) -> None:
     lora_model = apply_lora_to_model(model, target_modules=["q"])
     snapshot = _snapshot(lora_model)
-    with pytest.raises(ValueError, match=r"already holds LoRA layers \(blocks\.0\.attn\.q, blocks\.1\.attn\.q\).*merge_lora"):
+    expected = r"already holds LoRA layers \(blocks\.0\.attn\.q, blocks\.1\.attn\.q\).*merge_lora"
+    with pytest.raises(ValueError, match=expected):
         apply_lora_to_model(lora_model, target_modules=["k"])
     current = dict(lora_model.named_parameters())
     assert all(torch.equal(current[n], v) and current[n].requires_grad == g for n, (v, g) in snapshot.items())
@@ -338,9 +338,11 @@ def test_layer_options_reach_every_adapter(model: TinyLM) -> None:
     [
         ("none", set()),
         # every parameter named ...bias, adapted or not, LayerNorm's too (loralib's "all")
-        ("all", {"blocks.0.attn.q.original_layer.bias", "blocks.1.attn.q.original_layer.bias", "seq.bias"}
-         | {f"blocks.{i}.{m}.bias" for i in range(2) for m in ("attn.k", "attn.v", "attn.qq", "attn.o", "mlp.0",
-                                                             "mlp.2", "ln")}),
+        (
+            "all",
+            {"blocks.0.attn.q.original_layer.bias", "blocks.1.attn.q.original_layer.bias", "seq.bias"}
+            | {f"blocks.{i}.{m}.bias" for i in range(2) for m in (*BLOCK_LINEARS[1:], "ln")},
+        ),
         # only the biases of adapted layers
         ("lora_only", {"blocks.0.attn.q.original_layer.bias", "blocks.1.attn.q.original_layer.bias"}),
     ],
@@ -516,7 +518,7 @@ _features = st.integers(min_value=1, max_value=64)
 def _mlp(widths: list[int], bias: bool, seed: int) -> nn.Sequential:
     """A stack of Linear+Tanh layers whose weights come from ``seed`` alone."""
     layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
         linear = nn.Linear(fan_in, fan_out, bias=bias)
         with torch.no_grad():
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's own init range
@@ -546,7 +548,7 @@ def test_property_apply_count_identity_and_merge(
     lora_model = apply_lora_to_model(model, rank=rank, alpha=alpha)
 
     # r·(in + out) trainable parameters per adapted layer, and nothing else.
-    expected_trainable = sum(rank * (fan_in + fan_out) for fan_in, fan_out in zip(widths, widths[1:]))
+    expected_trainable = sum(rank * (fan_in + fan_out) for fan_in, fan_out in zip(widths, widths[1:], strict=False))
     assert count_parameters(lora_model) == (expected_trainable, base_total + expected_trainable)
     # Zero-init identity, bit for bit.
     assert torch.equal(lora_model(x), base_out)

@@ -33,7 +33,7 @@ def _conda_requirements() -> dict[str, str]:
             continue
         if in_deps and re.match(r"^\S", line):
             break
-        item = re.match(r"^\s+-\s+([^#\s][^#]*?)\s*$", line)
+        item = re.match(r"^\s+-\s+([^#\s][^#:]*?)\s*(#.*)?$", line)  # also the "pip:" list's entries
         if in_deps and item:
             name, version = _requirement(item.group(1))
             if name not in ("python", "pip"):
