@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             cache=args.cache,
             progress=not args.no_progress,
+            sweep=args.sweep,
             **overrides,
         )
     except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError, RuntimeError) as error:

@@ -179,3 +179,16 @@ def test_real_text_run_has_no_floor_and_no_validity(tmp_path: Path):
     assert results["corpus"] == "play.txt" and results["entropy_floor_ppl"] is None
     assert all(m["valid_target_rate"] is None for m in results["models"].values())
     assert "no_model_below_floor" not in results["checks"]
+
+
+def test_cli_run_with_sweep_writes_the_papers_sweep_outputs(smoke_run, tmp_path: Path, capsys):
+    root, _ = smoke_run
+    out = tmp_path / "out"
+    args = ["run", "--profile", "smoke", "--sweep", "--out", str(out), "--cache", str(root / "cache"), "--no-progress"]
+    assert cli.main(args) == 0
+    assert "lora closes 70pct of gap" in capsys.readouterr().out
+    sweep = json.loads((out / "sweep.json").read_text())
+    ranks = [entry["rank"] for entry in sweep["runs"]]
+    assert ranks == sorted(ranks) and len(ranks) >= 5
+    for name in ("rank_sweep.png", "spectrum.png", "results.json"):
+        assert (out / name).stat().st_size > 0
