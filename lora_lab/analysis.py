@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from .evaluate import perplexity
 from .inject import count_parameters, find_target_modules, lora_modules
 from .io import atomic_path
 from .pipeline import Experiment, LoRARecipe, entropy_floors, lora_finetuned
-from .plots import LABELS, MODEL_COLORS
+from .plots import LABELS, MODEL_COLORS, figure_legend, readable
 
 __all__ = [
     "SWEEP_EPOCHS",
@@ -515,37 +516,53 @@ def comparison_table(
 # --- figures -------------------------------------------------------------------------------------
 
 _REFERENCE_STYLES = {"base": "--", "lora": ":", "full": "-."}
+#: Short names for the reference models, for the notes in a panel's title.
+_SHORT_NAMES = {"base": "base", "lora": "tuned LoRA", "full": "full fine-tuning"}
 
 
 def _reference_lines(
-    ax, split: str, reference: Mapping[str, Mapping] | None, floors, data: Sequence[float] | None = None
-) -> None:
+    ax,
+    split: str,
+    reference: Mapping[str, Mapping] | None,
+    floors,
+    data: Sequence[float] | None = None,
+    *,
+    fit_axis: bool = True,
+) -> list[str]:
     """Horizontal lines for the reference models and the entropy floor. Given the plotted
-    ``data``, the y-axis is fitted to it and a reference far above it (the base model, whose
-    target perplexity would squash every difference the sweep shows) is named in the legend
-    with its value instead of being drawn."""
-    lines = {"entropy floor": (floors[split], "-", "k")} if floors else {}
+    ``data``, a reference far above it (the base model, whose target perplexity would squash
+    every difference the sweep shows) is not drawn: it is returned as a note ("base 47.238")
+    for the panel's title instead; with ``fit_axis`` the y-axis is also fitted to the data and
+    the lines near it (bar charts keep their zero baseline)."""
+    lines = {"entropy floor": (floors[split], "-", "k", "entropy floor")} if floors else {}
     for name, style in _REFERENCE_STYLES.items():
         if reference and name in reference and f"{split}_ppl" in reference[name]:
-            lines[LABELS.get(name, name)] = (reference[name][f"{split}_ppl"], style, MODEL_COLORS[name])
-    if data:
-        shown = [v for v in data if math.isfinite(v)]
-        near = [value for value, _, _ in lines.values() if value <= 1.5 * max(shown)]
+            value = reference[name][f"{split}_ppl"]
+            lines[LABELS.get(name, name)] = (value, style, MODEL_COLORS[name], _SHORT_NAMES[name])
+    notes = []
+    shown = [v for v in data or () if math.isfinite(v)]  # a run without a source perplexity plots NaN
+    if shown:
+        near = [value for value, *_ in lines.values() if value <= 1.5 * max(shown)]
         low, high = min(shown + near), max(shown + near)
-        ax.set_ylim(low - 0.08 * (high - low), high + 0.08 * (high - low))
-    for label, (value, style, color) in lines.items():
-        if data and value > high:
-            ax.plot([], [], ls=style, color=color, label=f"{label}: {value:.3f}, above the axis")
+        if fit_axis:
+            ax.set_ylim(low - 0.08 * (high - low), high + 0.08 * (high - low))
+    for label, (value, style, color, short) in lines.items():
+        if shown and value > high:
+            notes.append(f"{short} {value:.3f}")
         else:
             ax.axhline(value, ls=style, color=color, lw=1.2 if color != "k" else 0.8, label=label)
+    return notes
 
 
-def _legend_below(ax) -> None:
-    """The legend under the axes, where it cannot hide a line or a bar (none if nothing is labelled)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=2, frameon=False)
+def _title(ax, title: str, notes: Sequence[str] = ()) -> None:
+    """``title``, with the references drawn above the axis (if any) named under it, wrapped to
+    the ~40 characters a panel's width holds at the figures' font size."""
+    # No-break spaces inside each note, so a line breaks only between notes, not inside a name.
+    note = textwrap.fill("above the axis: " + ", ".join(n.replace(" ", "\u00a0") for n in notes), 40) if notes else ""
+    ax.set_title("\n".join(filter(None, (title, note))))
 
 
+@readable
 def plot_rank_sweep(
     runs: Sequence[Mapping],
     reference: Mapping[str, Mapping] | None = None,
@@ -556,10 +573,11 @@ def plot_rank_sweep(
     """Target (left) and source (right) perplexity against the rank (log scale), with the
     reference models of ``reference`` (``results.json``'s ``models``: base, lora, full) as
     horizontal lines and further series ``others`` (``{label: runs}``, e.g. an rsLoRA sweep)
-    dashed. Without source perplexities the right panel shows trainable parameters."""
+    dashed. Without source perplexities the right panel shows trainable parameters. One legend
+    for both panels sits under them."""
     series = {"LoRA, α fixed" if _alpha_fixed(runs) else "LoRA": runs, **(others or {})}
     ranks = sorted({run["rank"] for group in series.values() for run in group})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
     has_source = all("source_ppl" in run for group in series.values() for run in group)
     panels = (("target", "target_ppl"), ("source", "source_ppl") if has_source else ("params", "trainable_params"))
     extra_colors = ("#31a354", "#756bb1", "#e377c2")
@@ -570,15 +588,20 @@ def plot_rank_sweep(
             x, y = [run["rank"] for run in group], [run[key] for run in group]
             ax.plot(x, y, marker="o", ls=style, color=color, label=label)
         if split == "params":
-            ax.set(title="Trainable parameters, r·Σ(d_in + d_out)", ylabel="parameters", yscale="log")
+            ax.set(ylabel="parameters", yscale="log")
+            _title(ax, "Trainable parameters, r·Σ(d_in + d_out)")
         else:
-            _reference_lines(ax, split, reference, floors, [run[key] for group in series.values() for run in group])
-            word = "Target (fine-tuning)" if split == "target" else "Source (forgetting)"
-            ax.set(title=f"{word} perplexity per character", ylabel="perplexity")
+            notes = _reference_lines(
+                ax, split, reference, floors, [run[key] for group in series.values() for run in group]
+            )
+            ax.set_ylabel("perplexity per character")
+            word = "Target perplexity (fine-tuning)" if split == "target" else "Source perplexity (forgetting)"
+            _title(ax, word, notes)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.minorticks_off()
         ax.set_xlabel("rank r")
-        _legend_below(ax)
+    figure_legend(fig)
     return fig
 
 
@@ -586,6 +609,7 @@ def _alpha_fixed(runs: Sequence[Mapping]) -> bool:
     return len({run.get("alpha") for run in runs}) == 1 and len(runs) > 1 and not any(r.get("use_rslora") for r in runs)
 
 
+@readable
 def plot_sweep_bars(
     runs: Sequence[Mapping],
     label_key: str,
@@ -597,14 +621,16 @@ def plot_sweep_bars(
     """Target and source perplexity of each run as bars labelled by ``run[label_key]``
     (the α sweep, the target-module sweep), with the reference models as lines."""
     labels = [f"{run[label_key]:g}" if isinstance(run[label_key], float) else str(run[label_key]) for run in runs]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
     for ax, split in zip(axes, ("target", "source")):
         values = [run.get(f"{split}_ppl", math.nan) for run in runs]
         bars = ax.bar(labels, values, color=MODEL_COLORS["lora"])
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
-        _reference_lines(ax, split, reference, floors)
-        ax.set(title=f"{split.capitalize()} perplexity per character", ylabel="perplexity", xlabel=xlabel or label_key)
-        _legend_below(ax)
+        ax.bar_label(bars, fmt="%.3f", padding=2)
+        ax.margins(y=0.15)  # headroom for the value labels above the bars
+        notes = _reference_lines(ax, split, reference, floors, values, fit_axis=False)
+        ax.set(ylabel="perplexity", xlabel=xlabel or label_key)
+        _title(ax, f"{split.capitalize()} perplexity per character", notes)
+    figure_legend(fig)
     return fig
 
 
@@ -615,6 +641,7 @@ def _spectra_by_type(deltas: Mapping[str, torch.Tensor]) -> dict[str, list[torch
     return spectra
 
 
+@readable
 def plot_spectrum(
     full_deltas: Mapping[str, torch.Tensor],
     lora_deltas: Mapping[str, torch.Tensor] | None = None,
@@ -624,20 +651,20 @@ def plot_spectrum(
     """Left: the normalised singular values ``σ_i / σ_1`` of full fine-tuning's ``ΔW``, per
     layer type (mean over the blocks; log scale). Right: the energy ``Σ_{j≤k} σ_j² / ‖ΔW‖_F²``
     that the top k directions hold, for full fine-tuning (solid) and LoRA (dashed; it reaches 1
-    at k = r). A dotted line marks LoRA's rank."""
+    at k = r). A dotted line marks LoRA's rank. One legend for both panels sits under them."""
     if not full_deltas:
         raise ValueError("plot_spectrum needs at least one full fine-tuning ΔW")
     full = _spectra_by_type(full_deltas)
     lora = _spectra_by_type(lora_deltas) if lora_deltas else {}
     colors = plt.get_cmap("tab10").colors
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for n, (kind, spectra) in enumerate(full.items()):
         color = colors[n % len(colors)]
         size = min(len(s) for s in spectra)
         normalised = torch.stack([(s / s[0] if s[0] > 0 else s)[:size] for s in spectra]).mean(0)
         index = range(1, size + 1)
         left.plot(index, normalised.clamp_min(1e-6), color=color, label=f"{kind} (×{len(spectra)})")
-        right.plot(index, torch.stack([_energy_curve(s)[:size] for s in spectra]).mean(0), color=color, label=kind)
+        right.plot(index, torch.stack([_energy_curve(s)[:size] for s in spectra]).mean(0), color=color)
         if kind in lora:
             lsize = min(len(s) for s in lora[kind])
             curve = torch.stack([_energy_curve(s)[:lsize] for s in lora[kind]]).mean(0)
@@ -645,15 +672,17 @@ def plot_spectrum(
     if lora_rank is None and lora_deltas:
         # Singular values beyond r are float32 rounding noise (~1e-7 of σ_1): count those above 1e-4·σ_1.
         lora_rank = max(int(torch.linalg.matrix_rank(d.float(), rtol=1e-4)) for d in lora_deltas.values())
+    if lora:  # legend keys for the line styles of the right panel
+        right.plot([], [], "-", color="k", label="full fine-tuning")
+        right.plot([], [], "--", color="k", label="LoRA")
     for ax in (left, right):
         if lora_rank:
             ax.axvline(lora_rank, ls=":", color="k", lw=1, label=f"LoRA rank r = {lora_rank}")
         ax.set_xscale("log")
-        ax.set_xlabel("singular value index i")
-    left.set(yscale="log", ylabel="σ_i / σ_1", title="Full fine-tuning ΔW: normalised singular values")
-    right.set(ylabel="share of ‖ΔW‖_F²", ylim=(0, 1.02), title="Energy in the top k directions (dashed: LoRA)")
-    left.legend(fontsize=8)
-    right.legend(fontsize=8, loc="lower right")
+    left.set(yscale="log", xlabel="index i", ylabel="$σ_i / σ_1$", title="Full fine-tuning: singular values of ΔW")
+    right.set(xlabel="number of directions k", ylabel="share of $‖ΔW‖_F^2$", ylim=(0, 1.02))
+    right.set_title("Energy in the top k directions")
+    figure_legend(fig, ncols=5)
     return fig
 
 
@@ -663,6 +692,7 @@ def _energy_curve(s: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(power, 0) / total if total > 0 else torch.ones_like(power)
 
 
+@readable
 def plot_subspace_similarity(
     pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, zoom: int = 8, labels: tuple[str, str] = ("r=8", "r=64")
 ) -> Figure:
@@ -671,7 +701,7 @@ def plot_subspace_similarity(
     ``i, j ≤ zoom``. One shared colour bar (0 to 1)."""
     if not pairs:
         raise ValueError("plot_subspace_similarity needs at least one (A_small, A_large) pair")
-    fig, axes = plt.subplots(1, 2 * len(pairs), figsize=(3 * 2 * len(pairs), 3.4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2 * len(pairs), figsize=(3 * 2 * len(pairs), 3.4), layout="constrained")
     image = None
     for n, (name, (small, large)) in enumerate(pairs.items()):
         phi = subspace_similarity_matrix(small, large).numpy()
@@ -685,7 +715,7 @@ def plot_subspace_similarity(
             step = max(1, cols // 8)
             ax.set_xticks(range(step - 1, cols, step), [str(j + 1) for j in range(step - 1, cols, step)])
             ax.set(title=title, xlabel=f"j ({labels[1]})", ylabel=f"i ({labels[0]})")
-            ax.tick_params(labelsize=7)
+            ax.tick_params(labelsize=12)  # up to 9 labels on each 2.4-in heatmap
     fig.colorbar(image, ax=list(axes), shrink=0.9, label="φ")
     return fig
 

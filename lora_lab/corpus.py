@@ -4,7 +4,7 @@ Pretraining sees the *source* domain (farm and forest); LoRA adapts the model to
 domain (harbour and ships). Both share the determiners, adjectives, prepositions, adverbs and the
 ``DET NOUN VERB DET NOUN`` shape, so pretraining helps; the target has its own nouns and verbs and
 three constructions the source never uses: questions (``does the captain see my boat?``),
-relative clauses (``the cook that mends the net sings again``) and lists (``rope, salt and fish``).
+relative clauses (``the cook that sees my captain sings again``) and lists (``rope, salt and fish``).
 
 Because we wrote the grammars, we know the data exactly:
 
@@ -105,8 +105,9 @@ _DESCRIPTIONS = {
     "and lists (x, y and z).",
 }
 
-# Beginnings of valid sentences that only their own domain can produce (each ends with a space);
-# prepend "\n" so that the model starts at a sentence boundary.
+# Beginnings of valid sentences that only their own domain can produce (each ends with a space).
+# They are used as they are: training windows start anywhere in the text, so a model has seen plenty
+# of sentences with no newline before them, and a sample's first line is then prompt + continuation.
 EVAL_PROMPTS = {
     "source": ("the farmer ", "my old dog ", "at dawn, the horse ", "the cow "),
     "target": ("the sailor ", "does the captain ", "the crew loads ", "the cook that "),

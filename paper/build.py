@@ -2,7 +2,7 @@
 
 Usage::
 
-    python paper/build.py [--run-dir DIR] [--data-dir DIR] [--out PATH] [--date TEXT]
+    python paper/build.py [--run-dir DIR] [--bench FILE | --no-bench] [--data-dir DIR] [--out PATH] [--date TEXT]
 
 ``--run-dir`` names an output folder of ``lora-lab run``. Its ``results.json``, the optional
 ``sweep.json`` and the figures the paper uses are checked, the PDF is compiled from them, and
@@ -11,10 +11,17 @@ only then are they copied into the committed snapshot folder ``--data-dir`` (def
 snapshot alone, so the document builds without running any experiment. ``make pdf`` runs
 ``lora-lab run`` and then this script.
 
+The benchmark figures the text quotes (step-time and memory ratios) come from the results of
+the benchmark suite, ``benchmarks/results/latest.json`` (written by ``make bench``), snapshotted
+as ``bench.json``. With ``--run-dir`` that file is taken when it exists (else the snapshot's
+``bench.json`` is kept); ``--bench FILE`` names another one (and, without ``--run-dir``, replaces
+only the snapshot's ``bench.json``); ``--no-bench`` builds without benchmark figures, and the
+text then says how to produce them. Without ``--run-dir`` or ``--bench`` the snapshot is only read.
+
 Nothing is changed unless everything succeeds: the Typst sources and the data are staged in a
 temporary folder, compiled there, and the snapshot and the PDF are replaced atomically at the
-end (the PDF through ``os.replace``). A failure raises :class:`BuildError` with what was wrong
-and what to do; on the command line it is printed and the exit status is 1.
+end (the PDF through :func:`lora_lab.io.atomic_path`). A failure raises :class:`BuildError`
+with what was wrong and what to do; on the command line it is printed and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -27,8 +34,17 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+try:
+    from lora_lab.io import atomic_path
+except ImportError as error:  # e.g. run with a Python that lacks the project's environment
+    raise SystemExit(
+        f"error: paper/build.py needs the lora_lab package ({error}); run `make setup` and then "
+        "`.venv/bin/python paper/build.py`"
+    ) from error
 
 PAPER_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PAPER_DIR.parent
@@ -39,20 +55,33 @@ DEFAULT_OUT = REPO_ROOT / "comentario_LoRA.pdf"
 SOURCES = ("main.typ", "lib.typ", "refs.yml", "chapters")
 RESULTS = "results.json"
 SWEEP = "sweep.json"
+#: The benchmark suite's results, as the snapshot names them.
+BENCH = "bench.json"
+#: Where ``make bench`` (``benchmarks/bench.py``) writes them.
+DEFAULT_BENCH = REPO_ROOT / "benchmarks" / "results" / "latest.json"
+#: ``build(bench=AUTO)``: the newest benchmark results available (see the module docstring).
+AUTO = "auto"
 #: Figures the text places, in order; each may be missing (the PDF then says how to make it).
 FIGURES = ("loss_curves.png", "perplexities.png", "rank_sweep.png", "spectrum.png")
 
 REQUIRED_MODELS = ("base", "lora", "full")
+RUN_REMEDY = "rerun `lora-lab run` (or `make pdf`) to rewrite it"
+BENCH_REMEDY = (
+    "rerun the benchmark suite (`make bench`, i.e. `python benchmarks/bench.py --threads 1`) to rewrite it, "
+    "or build without benchmark figures (`python paper/build.py --no-bench`)"
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SNAPSHOT_README = """\
 # Results snapshot for the companion reading
 
 Copied from a `lora-lab run` output folder by `paper/build.py`; `paper/main.typ` reads every
-number and figure of `comentario_LoRA.pdf` from here. Do not edit by hand: regenerate with
-`make pdf` (or `python paper/build.py --run-dir <run folder>`).
+number and figure of `comentario_LoRA.pdf` from here. `bench.json`, when present, is a copy of
+the benchmark suite's `benchmarks/results/latest.json` (`make bench`); the step-time and memory
+ratios the text quotes come from it. Do not edit by hand: regenerate with `make pdf` (or
+`python paper/build.py --run-dir <run folder>`; `--bench FILE` refreshes `bench.json` alone).
 """
 
-__all__ = ["BuildError", "build", "validate_results", "validate_sweep", "main"]
+__all__ = ["BuildError", "build", "validate_results", "validate_sweep", "validate_bench", "main"]
 
 
 class BuildError(RuntimeError):
@@ -78,11 +107,11 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON (NaN/Infinity cannot be typeset)")
 
 
-def _load_json(path: Path) -> object:
+def _load_json(path: Path, remedy: str = RUN_REMEDY) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise BuildError(f"cannot read {path}: {error}; rerun `lora-lab run` to rewrite it") from error
+        raise BuildError(f"cannot read {path}: {error}; {remedy}") from error
 
 
 def validate_results(results: object, where: str = RESULTS) -> None:
@@ -206,6 +235,85 @@ def validate_sweep(sweep: object, where: str = SWEEP) -> None:
         raise BuildError(f"{where} is malformed:\n  - " + "\n  - ".join(problems))
 
 
+def validate_bench(bench: object, where: str = BENCH) -> None:
+    """Check the benchmark suite's results (``benchmarks/bench.py``): ``{"quick": bool,
+    "machine": {...}, "settings": {"models": {key: {"description": str}}}, "rows": [{"id": str,
+    "description": str, "ratio": number, "details": {...}, ...}, ...]}``; raise :class:`BuildError`
+    naming every problem found."""
+    if not isinstance(bench, dict):
+        raise BuildError(
+            f"{where}: expected the JSON object that `benchmarks/bench.py` writes, got {type(bench).__name__}; "
+            + BENCH_REMEDY
+        )
+    problems: list[str] = []
+    if not isinstance(bench.get("quick"), bool):
+        problems.append("'quick' must be true or false")
+    machine = bench.get("machine")
+    if not isinstance(machine, dict):
+        problems.append("'machine' must be an object describing the machine")
+    else:
+        if not isinstance(machine.get("cpu"), str):
+            problems.append("machine.cpu must be a string")
+        for key in ("torch_threads", "logical_cores"):
+            if not (_is_count(machine.get(key)) and machine[key] > 0):
+                problems.append(f"machine.{key} must be a positive integer, got {machine.get(key)!r}")
+        if not isinstance(machine.get("busy"), bool):
+            problems.append("machine.busy must be true or false")
+        for key in ("load_average_at_start", "load_average_at_end"):
+            loads = machine.get(key)
+            if loads is not None and not (isinstance(loads, list) and loads and all(map(_is_number, loads))):
+                problems.append(f"machine.{key} must be null or a list of numbers")
+    settings = bench.get("settings")
+    models = settings.get("models") if isinstance(settings, dict) else None
+    if not (
+        isinstance(models, dict)
+        and all(isinstance(m, dict) and isinstance(m.get("description"), str) for m in models.values())
+    ):
+        problems.append("settings.models must map model keys to objects with a 'description' string")
+    rows = bench.get("rows")
+    if not (isinstance(rows, list) and rows):
+        problems.append("'rows' must be a non-empty list of measured ratios")
+        rows = []
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            problems.append(f"rows[{i}] must be an object")
+            continue
+        row_id = row.get("id")
+        if not isinstance(row_id, str) or not row_id:
+            problems.append(f"rows[{i}].id must be a non-empty string")
+        elif row_id in seen:
+            problems.append(f"rows[{i}].id {row_id!r} appears twice")
+        else:
+            seen.add(row_id)
+        name = f"rows[{i}] ({row_id})" if isinstance(row_id, str) else f"rows[{i}]"
+        if not isinstance(row.get("description"), str):
+            problems.append(f"{name}.description must be a string")
+        if not (_is_number(row.get("ratio")) and row["ratio"] > 0):
+            problems.append(f"{name}.ratio must be a positive finite number, got {row.get('ratio')!r}")
+        if not isinstance(row.get("details", {}), dict):
+            problems.append(f"{name}.details must be an object")
+        if row.get("passed") not in (True, False, None):
+            problems.append(f"{name}.passed must be true, false or null")
+    if problems:
+        raise BuildError(
+            f"{where} is not the benchmark results `benchmarks/bench.py` writes:\n  - "
+            + "\n  - ".join(problems)
+            + f"\nTo fix it, {BENCH_REMEDY}."
+        )
+
+
+def _check_bench(path: Path) -> Path:
+    """``path``, once it is known to hold valid benchmark results."""
+    if not path.is_file():
+        raise BuildError(
+            f"the benchmark results {path} do not exist; produce them with `make bench` "
+            "(`python benchmarks/bench.py --threads 1`), or build without them (`--no-bench`)"
+        )
+    validate_bench(_load_json(path, BENCH_REMEDY), where=str(path))
+    return path
+
+
 def _collect(folder: Path, what: str) -> dict[str, Path]:
     """The files of ``folder`` the paper uses, checked; name -> path."""
     if not folder.is_dir():
@@ -251,12 +359,6 @@ def _default_date() -> str:
     return f"{day.day} {day:%B %Y}"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _stage(files: dict[str, Path], stage: Path) -> None:
     for name in SOURCES:
         source = PAPER_DIR / name
@@ -299,15 +401,18 @@ def _replace_snapshot(files: dict[str, Path], data_dir: Path) -> None:
     """Replace ``data_dir`` by a folder holding exactly ``files`` (plus a README), atomically
     enough that a failure leaves either the old or the new snapshot in place."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    fresh = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-new-", dir=data_dir.parent))
+    # Plain mkdir (not mkdtemp, which makes a private 0o700 folder): the snapshot is ordinary
+    # content and gets the umask's permissions. The random suffix keeps concurrent builds apart.
+    fresh = data_dir.parent / f".{data_dir.name}-new-{uuid.uuid4().hex[:12]}"
+    fresh.mkdir()
     old = None
     try:
-        os.chmod(fresh, 0o777 & ~_umask())  # mkdtemp makes it private; the snapshot is ordinary content
         for name, path in files.items():
             shutil.copy2(path, fresh / name)
         (fresh / "README.md").write_text(SNAPSHOT_README, encoding="utf-8")
         if data_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-old-", dir=data_dir.parent))
+            old = data_dir.parent / f".{data_dir.name}-old-{uuid.uuid4().hex[:12]}"
+            old.mkdir()
             os.replace(data_dir, old / data_dir.name)
         try:
             os.replace(fresh, data_dir)
@@ -321,11 +426,24 @@ def _replace_snapshot(files: dict[str, Path], data_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _pick_bench(bench: str | os.PathLike | None, from_run: bool, data_dir: Path) -> Path | None:
+    """The benchmark results to build with (see :func:`build`), checked; None for none."""
+    if bench is None:
+        return None
+    if isinstance(bench, str) and bench == AUTO:
+        snapshot = data_dir / BENCH
+        if from_run and DEFAULT_BENCH.is_file():
+            return _check_bench(DEFAULT_BENCH)
+        return _check_bench(snapshot) if snapshot.is_file() else None
+    return _check_bench(Path(bench).resolve())
+
+
 def build(
     run_dir: str | os.PathLike | None = None,
     data_dir: str | os.PathLike = DEFAULT_DATA_DIR,
     out: str | os.PathLike = DEFAULT_OUT,
     date: str | None = None,
+    bench: str | os.PathLike | None = AUTO,
 ) -> Path:
     """Build the PDF; return its path.
 
@@ -335,6 +453,11 @@ def build(
         data_dir: the snapshot folder (``paper/data``); tests point it at a temporary folder.
         out: where the PDF goes (``comentario_LoRA.pdf`` at the repository root).
         date: the date printed on the title page (default: today, or SOURCE_DATE_EPOCH's).
+        bench: the benchmark suite's results to quote, snapshotted as ``bench.json``. ``"auto"``
+            (the default): with ``run_dir``, ``benchmarks/results/latest.json`` when it exists,
+            else the snapshot's ``bench.json``; without, the snapshot's ``bench.json``. A path:
+            that file (without ``run_dir`` it then replaces the snapshot's ``bench.json``).
+            None: no benchmark figures; the text says how to produce them.
     """
     data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
     if run_dir is not None:
@@ -347,6 +470,14 @@ def build(
             "Run `make pdf`, or `lora-lab run --profile cpu --out runs/builtin-cpu` followed by "
             "`python paper/build.py --run-dir runs/builtin-cpu`."
         )
+    bench_path = _pick_bench(bench, run_dir is not None, data_dir)
+    if bench_path is not None:
+        files[BENCH] = bench_path
+    # The snapshot changes when the data comes from elsewhere: a run folder, or a bench file
+    # given explicitly. Building from the snapshot as it is leaves it alone.
+    new_snapshot = (run_dir is not None and Path(run_dir).resolve() != data_dir) or (
+        bench_path is not None and bench_path != data_dir / BENCH
+    )
     if not out.parent.is_dir():
         raise BuildError(f"cannot write {out}: the folder {out.parent} does not exist")
     if out.is_dir():
@@ -357,17 +488,12 @@ def build(
         _stage(files, stage)
         pdf = _compile(stage, date or _default_date())
     try:
-        handle, partial = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".partial", dir=out.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(pdf)
-            os.chmod(partial, 0o666 & ~_umask())  # mkstemp makes it private; the PDF is for everyone
-            if run_dir is not None and Path(run_dir).resolve() != data_dir:
+        # The PDF goes to a temporary file next to `out` and is moved into place only after the
+        # snapshot has been replaced: if that fails, neither changes.
+        with atomic_path(out) as partial:
+            partial.write_bytes(pdf)
+            if new_snapshot:
                 _replace_snapshot(files, data_dir)
-            os.replace(partial, out)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
     except OSError as error:
         raise BuildError(f"could not write the results snapshot or the PDF: {error}") from error
     return out
@@ -381,9 +507,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="PDF to write (default: comentario_LoRA.pdf)")
     parser.add_argument("--date", help="date for the title page (default: today, or SOURCE_DATE_EPOCH's day)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--bench",
+        default=AUTO,
+        help="benchmark results to quote (default: benchmarks/results/latest.json with --run-dir, "
+        "else the snapshot's bench.json)",
+    )
+    where.add_argument("--no-bench", dest="bench", action="store_const", const=None, help="quote no benchmark figures")
     args = parser.parse_args(argv)
     try:
-        path = build(args.run_dir, args.data_dir, args.out, args.date)
+        path = build(args.run_dir, args.data_dir, args.out, args.date, bench=args.bench)
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

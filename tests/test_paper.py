@@ -1,8 +1,10 @@
-"""The companion reading (paper/) builds into a valid PDF whose numbers come from results.json.
+"""The companion reading (paper/) builds into a valid PDF whose numbers come from results.json
+and, for step times and memory, from the benchmark suite's results (bench.json).
 
 Every build here reads the TEST FIXTURE run folder tests/data/paper_run (made-up numbers,
-see its make_fixture.py) and writes into pytest's temporary folders: the committed snapshot
-paper/data/ and the root comentario_LoRA.pdf are never touched.
+see its make_fixture.py; its bench.json stands in for benchmarks/results/latest.json) and
+writes into pytest's temporary folders: the committed snapshot paper/data/, the benchmark
+results and the root comentario_LoRA.pdf are never read for a build or touched.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "paper_run"
+FIXTURE_BENCH = FIXTURE / "bench.json"
 BUILD_SCRIPT = REPO / "paper" / "build.py"
 SECTIONS = (
     "Introduction",
@@ -61,6 +64,14 @@ def _fixture_results() -> dict:
     return json.loads((FIXTURE / "results.json").read_text(encoding="utf-8"))
 
 
+def _fixture_bench() -> dict:
+    return json.loads(FIXTURE_BENCH.read_text(encoding="utf-8"))
+
+
+def _bench_ratio(row_id: str) -> float:
+    return next(row["ratio"] for row in _fixture_bench()["rows"] if row["id"] == row_id)
+
+
 def _copy_fixture(dest: Path) -> Path:
     shutil.copytree(FIXTURE, dest, ignore=shutil.ignore_patterns("*.py"))
     return dest
@@ -73,7 +84,7 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("paper")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SOURCE_DATE_EPOCH", EPOCH)
-        out = paper_build.build(FIXTURE, data_dir=tmp / "data", out=tmp / "comentario_LoRA.pdf")
+        out = paper_build.build(FIXTURE, data_dir=tmp / "data", out=tmp / "comentario_LoRA.pdf", bench=FIXTURE_BENCH)
     return {"dir": tmp, "pdf": out, "text": _text(out), "protected": protected}
 
 
@@ -110,7 +121,15 @@ def test_numbers_come_from_results_json(built):
 
 def test_snapshot_holds_the_run_files(built):
     data = built["dir"] / "data"
-    names = {"results.json", "sweep.json", "loss_curves.png", "perplexities.png", "rank_sweep.png", "spectrum.png"}
+    names = {
+        "results.json",
+        "sweep.json",
+        "bench.json",
+        "loss_curves.png",
+        "perplexities.png",
+        "rank_sweep.png",
+        "spectrum.png",
+    }
     assert names | {"README.md"} == {p.name for p in data.iterdir()}
     for name in names:
         assert (data / name).read_bytes() == (FIXTURE / name).read_bytes(), name
@@ -118,8 +137,144 @@ def test_snapshot_holds_the_run_files(built):
 
 def test_rebuilds_from_the_snapshot_alone_byte_for_byte(built, tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    before = _state(built["dir"] / "data")
     out = paper_build.build(None, data_dir=built["dir"] / "data", out=tmp_path / "again.pdf")
-    assert out.read_bytes() == built["pdf"].read_bytes()
+    assert out.read_bytes() == built["pdf"].read_bytes()  # the snapshot's bench.json was used
+    assert _state(built["dir"] / "data") == before  # and the snapshot was only read
+
+
+def test_benchmark_figures_come_from_bench_json(built):
+    text = built["text"]
+    # The errata's measured slowdown of the seed's layer, no longer typed by hand.
+    assert f"{_bench_ratio('train.7m.seed_vs_full'):.2f}×" in text
+    assert "1.8×" not in text
+    for row_id in (
+        "train.cpu.lora_lab_vs_full",
+        "train.7m.lora_lab_vs_full",
+        "train.7m.lora_lab_plain_vs_full",
+        "train.7m.peft_vs_full",
+        "train.7m.loralib_vs_full",
+        "infer.7m.merged_vs_base",
+        "infer.7m.unmerged_vs_base",
+    ):
+        assert f"{_bench_ratio(row_id):.2f}×" in text, row_id
+    assert f"{100 * _bench_ratio('memory.seed.lora_lab_vs_full'):.0f}%" in text
+    assert f"{100 * _bench_ratio('memory.seed.small_batch.lora_lab_vs_full'):.0f}%" in text
+    # The machine, and the warning that it was busy (the fixture says so).
+    flat = " ".join(text.split())
+    assert "TEST FIXTURE CPU, 1 torch thread on 2 logical cores" in flat
+    assert "the machine was busy during the run (load average up to 4.4 on 2 cores)" in flat
+    # The round-to-round spread the experiment chapter quotes: min and max of the fixture's rounds.
+    assert "between 580 and 740 ms" in flat
+
+
+def test_profile_settings_are_read_not_typed(tmp_path):
+    """The fine-tuning epochs and the split shares follow results.json."""
+    run = _copy_fixture(tmp_path / "run")
+    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    results["profile_settings"]["finetune_epochs"] = 37.0
+    sizes = results["split_sizes"]
+    sizes.update(source_train=600, source_val=100, target_train=270, target_val=30)
+    (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    text = _text(paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None))
+    flat = " ".join(text.split())
+    assert "Fine-tuning epochs (every run) 37" in flat
+    assert "the first 70% is the source part" in flat
+    assert "keeps its last 14% for validation, the target part its last 10%" in flat
+
+
+def test_without_bench_json_the_text_says_how_to_produce_it(tmp_path):
+    out = paper_build.build(FIXTURE, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None)
+    flat = " ".join(_text(out).split())
+    assert "were not part of this build; make bench measures them" in flat
+    assert f"{_bench_ratio('train.7m.seed_vs_full'):.2f}×" not in flat
+    assert "TEST FIXTURE CPU" not in flat
+    assert not (tmp_path / "data" / "bench.json").exists()
+
+
+def test_a_quick_bench_run_is_not_quoted(tmp_path):
+    bench = _fixture_bench()
+    bench["quick"] = True
+    (tmp_path / "quick.json").write_text(json.dumps(bench), encoding="utf-8")
+    out = paper_build.build(FIXTURE, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", bench=tmp_path / "quick.json")
+    flat = " ".join(_text(out).split())
+    assert "--quick smoke run" in flat
+    assert f"{_bench_ratio('train.7m.seed_vs_full'):.2f}×" not in flat
+
+
+def test_run_dir_takes_the_benchmark_suites_latest_results(tmp_path, monkeypatch):
+    """bench="auto" with a run folder: benchmarks/results/latest.json (here the fixture's)."""
+    monkeypatch.setattr(paper_build, "DEFAULT_BENCH", FIXTURE_BENCH)
+    paper_build.build(FIXTURE, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE)
+    assert (tmp_path / "data" / "bench.json").read_bytes() == FIXTURE_BENCH.read_bytes()
+
+    # Without it, a new run keeps the snapshot's bench.json rather than dropping it.
+    monkeypatch.setattr(paper_build, "DEFAULT_BENCH", tmp_path / "no-bench-yet.json")
+    paper_build.build(FIXTURE, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE)
+    assert (tmp_path / "data" / "bench.json").read_bytes() == FIXTURE_BENCH.read_bytes()
+
+
+def test_bench_alone_refreshes_only_bench_json(built, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(built["dir"] / "data", data)
+    bench = _fixture_bench()
+    bench["rows"][0]["ratio"] = 0.5
+    (tmp_path / "new.json").write_text(json.dumps(bench), encoding="utf-8")
+    paper_build.build(None, data_dir=data, out=tmp_path / "x.pdf", date=DATE, bench=tmp_path / "new.json")
+    assert (data / "bench.json").read_bytes() == (tmp_path / "new.json").read_bytes()
+    for name in ("results.json", "sweep.json", "spectrum.png"):
+        assert (data / name).read_bytes() == (FIXTURE / name).read_bytes(), name
+
+
+def test_missing_or_malformed_bench_is_a_clear_error_and_changes_nothing(built, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(built["dir"] / "data", data)
+    out = tmp_path / "out.pdf"
+    out.write_bytes(b"the previous PDF")
+    before = _state(data)
+
+    with pytest.raises(paper_build.BuildError, match=r"nope\.json do not exist; produce them with `make bench`"):
+        paper_build.build(FIXTURE, data_dir=data, out=out, bench=tmp_path / "nope.json")
+
+    broken = tmp_path / "latest.json"
+    bench = _fixture_bench()
+    del bench["rows"][3]["ratio"]
+    bench["machine"]["busy"] = "maybe"
+    broken.write_text(json.dumps(bench), encoding="utf-8")
+    with pytest.raises(paper_build.BuildError) as error:
+        paper_build.build(FIXTURE, data_dir=data, out=out, bench=broken)
+    message = str(error.value)
+    assert str(broken) in message and "make bench" in message
+    assert "rows[3] (train.cpu.loralib_vs_full).ratio must be a positive finite number" in message
+    assert "machine.busy must be true or false" in message
+
+    broken.write_text(FIXTURE_BENCH.read_text(encoding="utf-8").replace('"ratio": 1.6543', '"ratio": NaN'))
+    with pytest.raises(paper_build.BuildError, match=r"NaN.*make bench"):
+        paper_build.build(FIXTURE, data_dir=data, out=out, bench=broken)
+
+    assert _state(data) == before
+    assert out.read_bytes() == b"the previous PDF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "latest.json", "out.pdf"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda b: b.clear(), "'quick' must be true or false"),
+        (lambda b: b.update(rows=[]), "'rows' must be a non-empty list"),
+        (lambda b: b["rows"].append(dict(b["rows"][0])), "appears twice"),
+        (lambda b: b["rows"][0].update(ratio=-1.0), r"rows\[0\] \(train.cpu.lora_lab_vs_full\).ratio"),
+        (lambda b: b["machine"].update(torch_threads=0), "machine.torch_threads must be a positive integer"),
+        (lambda b: b["settings"].update(models={"7m": {}}), "settings.models must map model keys"),
+    ],
+)
+def test_malformed_bench_is_rejected(change, message):
+    bench = _fixture_bench()
+    change(bench)
+    with pytest.raises(paper_build.BuildError, match=message):
+        paper_build.validate_bench(bench)
+    with pytest.raises(paper_build.BuildError, match="not the benchmark results"):
+        paper_build.validate_bench({"quick": False, "rows": "none"})
 
 
 def test_repository_outputs_are_untouched(built):
@@ -137,7 +292,7 @@ def test_changed_numbers_and_missing_optional_pieces(tmp_path):
     (run / "sweep.json").unlink()
     (run / "spectrum.png").unlink()
 
-    out = paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE)
+    out = paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None)
     text = _text(out)
     assert "1.732" in text and old not in text
     assert "spectrum.png is not in the results" in text
@@ -186,7 +341,7 @@ def test_invalid_results_leave_snapshot_and_pdf_unchanged(built, tmp_path):
     results["models"]["lora"]["target_ppl"] = 0.5
     (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
     with pytest.raises(paper_build.BuildError) as error:
-        paper_build.build(run, data_dir=data, out=out)
+        paper_build.build(run, data_dir=data, out=out, bench=None)
     assert "models.full is missing" in str(error.value)
     assert "models.lora.target_ppl must be a finite perplexity >= 1" in str(error.value)
 
@@ -200,12 +355,12 @@ def test_nan_and_broken_figures_are_rejected(tmp_path):
     text = (run / "results.json").read_text(encoding="utf-8")
     (run / "results.json").write_text(text.replace('"target_ppl": 2.4137', '"target_ppl": NaN'), encoding="utf-8")
     with pytest.raises(paper_build.BuildError, match="NaN"):
-        paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf")
+        paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", bench=None)
 
     (run / "results.json").write_text(text, encoding="utf-8")
     (run / "perplexities.png").write_text("not an image", encoding="utf-8")
     with pytest.raises(paper_build.BuildError, match="perplexities.png is not a PNG"):
-        paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf")
+        paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", bench=None)
     assert not (tmp_path / "data").exists() and not (tmp_path / "x.pdf").exists()
 
 

@@ -1,8 +1,9 @@
 """Write the TEST FIXTURE run directory used by tests/test_paper.py.
 
 It imitates what ``lora-lab run`` writes (``results.json``, ``sweep.json`` and the PNG
-figures) so that the companion reading (``paper/``) can be built and tested without running
-any experiment. Every number here is made up — plausible for the cpu profile's
+figures) and, as ``bench.json``, what the benchmark suite writes (``benchmarks/results/latest.json``),
+so that the companion reading (``paper/``) can be built and tested without running any
+experiment. Every number here is made up — plausible for the cpu profile's
 0.8M-parameter character GPT on the built-in corpus, but not measured — and ``results.json``
 says so in its ``note`` field, which the PDF prints on its title page. Regenerate with::
 
@@ -201,6 +202,64 @@ SWEEP = {
 }
 
 
+# What `make bench` (benchmarks/bench.py) writes to benchmarks/results/latest.json, cut down to
+# what the paper reads: the machine, the models' descriptions and one row per quoted ratio. The
+# ratios are made up too, with four decimals so that tests can find them in the PDF.
+BENCH_MODELS = {
+    "cpu": "cpu profile: d=128, 4 layers, 4 heads, block 128, vocab 34, 0.82M params, batch 32×128",
+    "7m": "7.2M GPT: d=384, 4 layers, 6 heads, block 128, vocab 34, 7.20M params, batch 32×128",
+    "seed": "seed profile: d=408, 4 layers, 6 heads, block 256, vocab 34, 8.17M params, batch 64×256",
+}
+BENCH_RATIOS = {
+    "train.cpu.lora_lab_vs_full": 0.8812,
+    "train.cpu.lora_lab_plain_vs_full": 1.1234,
+    "train.cpu.peft_vs_full": 1.2755,
+    "train.cpu.loralib_vs_full": 1.2199,
+    "train.cpu.seed_vs_full": 1.5521,
+    "train.7m.lora_lab_vs_full": 0.7466,
+    "train.7m.lora_lab_plain_vs_full": 1.0143,
+    "train.7m.peft_vs_full": 0.9588,
+    "train.7m.loralib_vs_full": 1.0311,
+    "train.7m.seed_vs_full": 1.6543,
+    "infer.7m.unmerged_vs_base": 1.0234,
+    "infer.7m.merged_vs_base": 0.9912,
+    "memory.seed.lora_lab_vs_full": 0.9611,
+    "memory.seed.small_batch.lora_lab_vs_full": 0.8133,
+}
+
+
+def _bench_row(row_id: str, ratio: float) -> dict:
+    kind, model = row_id.split(".")[:2]
+    details: dict = {"model": BENCH_MODELS[model]}
+    if kind == "train":
+        details |= {"rounds": 3, "seconds_per_round": {"full": [0.61, 0.74, 0.58]}}
+    if kind == "memory":
+        details["batch"] = "4×256" if "small_batch" in row_id else "64×256"
+    return {"id": row_id, "description": row_id, "ratio": ratio, "details": details, "passed": None}
+
+
+BENCH = {
+    "note": NOTE,
+    "quick": False,
+    "machine": {
+        "cpu": "TEST FIXTURE CPU",
+        "logical_cores": 2,
+        "torch": "2.13.0+cpu",
+        "torch_threads": 1,
+        "load_average_at_start": [3.2, 2.9, 2.5],
+        "load_average_at_end": [4.4, 3.1, 2.6],
+        "busy": True,
+    },
+    "settings": {
+        "rank": 4,
+        "alpha": 1.0,
+        "targets": ["q", "k", "v", "o", "up", "down"],
+        "models": {key: {"description": description} for key, description in BENCH_MODELS.items()},
+    },
+    "rows": [_bench_row(row_id, ratio) for row_id, ratio in BENCH_RATIOS.items()],
+}
+
+
 def _stamp(ax: plt.Axes) -> None:
     ax.text(
         0.5,
@@ -225,6 +284,7 @@ def _save(fig: plt.Figure, name: str) -> None:
 def main() -> None:
     (HERE / "results.json").write_text(json.dumps(RESULTS, indent=2, ensure_ascii=False) + "\n")
     (HERE / "sweep.json").write_text(json.dumps(SWEEP, indent=2) + "\n")
+    (HERE / "bench.json").write_text(json.dumps(BENCH, indent=2, ensure_ascii=False) + "\n")
 
     # Two panels like lora_lab.plots.plot_loss_curves: pretraining left, fine-tuning right.
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
