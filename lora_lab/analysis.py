@@ -83,7 +83,7 @@ SWEEP_EPOCHS = 2.0
 #: Hu et al.'s rank range (their Table 6 and Figure 3 go from 1 to 64).
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
 
-#: α at the tuned recipe's rank: scalings α/r from 1/8 to 8 around the tuned recipe's 16.
+#: α at the tuned recipe's rank (16 on the cpu profile): scalings α/r from 1/16 to 4, around the tuned α = 32.
 DEFAULT_ALPHAS = (1.0, 4.0, 16.0, 64.0)
 
 #: Which linear layers get an adapter, by PEFT's ``target_modules`` rules (a name matches a
