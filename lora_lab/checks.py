@@ -101,6 +101,15 @@ def _private_rng(seed: int = _SEED) -> Iterator[torch.Generator]:
         yield torch.Generator().manual_seed(seed)
 
 
+def _run_check(title: str, check: Callable[..., None], *args) -> CheckResult:
+    """Run ``check(result, *args, generator)`` under :func:`_private_rng`, print and return the result."""
+    result = CheckResult(title)
+    with _private_rng() as generator:
+        check(result, *args, generator)
+    print(result.report())
+    return result
+
+
 _NOT_WRITTEN = "raised NotImplementedError (the exercise is not written yet)"
 
 
@@ -306,12 +315,8 @@ def check_lora_layer(
     ``x·ΔWᵀ``, are named); 2-D and 3-D inputs give ``(..., out_features)``; gradients reach A and
     B; and the forward is factorised (it does not build the ``out × in`` matrix ``ΔW``).
     """
-    name = getattr(cls, "__name__", repr(cls))
-    result = CheckResult(f"check_lora_layer({name})")
-    with _private_rng() as generator:
-        _check_lora_layer(result, cls, in_features, out_features, rank, alpha, generator)
-    print(result.report())
-    return result
+    title = f"check_lora_layer({getattr(cls, '__name__', repr(cls))})"
+    return _run_check(title, _check_lora_layer, cls, in_features, out_features, rank, alpha)
 
 
 def _check_lora_layer(result, cls, d_in, d_out, rank, alpha, generator) -> None:
@@ -446,12 +451,8 @@ def check_lora_linear(
     A and B it equals ``base(x) + (α/r)·x Aᵀ Bᵀ`` (a missing base or adapter is named); 3-D
     inputs work; after backward only A and B have gradients.
     """
-    name = getattr(cls, "__name__", repr(cls))
-    result = CheckResult(f"check_lora_linear({name})")
-    with _private_rng() as generator:
-        _check_lora_linear(result, cls, in_features, out_features, rank, alpha, generator)
-    print(result.report())
-    return result
+    title = f"check_lora_linear({getattr(cls, '__name__', repr(cls))})"
+    return _run_check(title, _check_lora_linear, cls, in_features, out_features, rank, alpha)
 
 
 def _check_lora_linear(result, cls, d_in, d_out, rank, alpha, generator) -> None:
@@ -630,11 +631,7 @@ def check_truncated_svd(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Chec
     ``‖M − M_r‖_F² = Σ_{i>r} σ_i²`` (forgetting Σ, keeping the smallest values, or confusing V
     and Vᵀ are named); ``r = min(d, k)`` gives M back; and the input is left unchanged.
     """
-    result = CheckResult(f"check_truncated_svd({getattr(fn, '__name__', 'fn')})")
-    with _private_rng() as generator:
-        _check_truncated_svd(result, fn, generator)
-    print(result.report())
-    return result
+    return _run_check(f"check_truncated_svd({getattr(fn, '__name__', 'fn')})", _check_truncated_svd, fn)
 
 
 def _truncated_svd_case(result: CheckResult, fn, M: torch.Tensor, r: int) -> bool:
