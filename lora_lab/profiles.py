@@ -99,8 +99,8 @@ PROFILES: dict[str, Profile] = {
     # layers buys twice the steps. A 64-character window holds a whole sentence (mean 35-40) and
     # its predecessor. Measured on 2 cores: pretraining (8 epochs, ~570 steps at lr 4e-3) reaches
     # the source's entropy floor within 1% (10 epochs gain 0.3% more for 25% more time); 4 blocks
-    # in the same time did not. The whole run took 3.5-5.5 minutes on the project's 2-core machine
-    # (its speed varies with the host's load).
+    # in the same time did not. The whole run took 4.4-5.3 minutes in two identical runs on the
+    # project's 2-core machine (its speed varies with the host's load).
     "cpu": Profile(
         name="cpu",
         block_size=64,

@@ -54,6 +54,16 @@ def _text(pdf: Path) -> str:
     return unicodedata.normalize("NFKC", "\n".join(page.extract_text() for page in reader.pages))
 
 
+def _snapshot_and_previous_pdf(built, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A copy of the built snapshot, a stand-in for a previous PDF, and the snapshot's state: what
+    a failing build must leave exactly as it was."""
+    data = tmp_path / "data"
+    shutil.copytree(built["dir"] / "data", data)
+    out = tmp_path / "out.pdf"
+    out.write_bytes(b"the previous PDF")
+    return data, out, _state(data)
+
+
 def _state(path: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime) of a file or of every file under a folder; {} when absent."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
@@ -227,11 +237,7 @@ def test_bench_alone_refreshes_only_bench_json(built, tmp_path):
 
 
 def test_missing_or_malformed_bench_is_a_clear_error_and_changes_nothing(built, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(built["dir"] / "data", data)
-    out = tmp_path / "out.pdf"
-    out.write_bytes(b"the previous PDF")
-    before = _state(data)
+    data, out, before = _snapshot_and_previous_pdf(built, tmp_path)
 
     with pytest.raises(paper_build.BuildError, match=r"nope\.json do not exist; produce them with `make bench`"):
         paper_build.build(FIXTURE, data_dir=data, out=out, bench=tmp_path / "nope.json")
@@ -329,11 +335,7 @@ def test_no_snapshot_and_no_run_dir_is_a_clear_error(tmp_path):
 
 
 def test_invalid_results_leave_snapshot_and_pdf_unchanged(built, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(built["dir"] / "data", data)
-    out = tmp_path / "out.pdf"
-    out.write_bytes(b"the previous PDF")
-    before = _state(data)
+    data, out, before = _snapshot_and_previous_pdf(built, tmp_path)
 
     run = _copy_fixture(tmp_path / "run")
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
