@@ -7,14 +7,20 @@
 Every figure is a RATIO of two things measured side by side in this one run, so that the
 machine's speed cancels out: after warm-up, the contenders run in alternating rounds (A, B,
 C, A, B, C, ... with the order rotated each round), each round yields one ratio, and the
-table shows the median over rounds. Drift and other processes then slow both sides of a
-ratio alike, and one disturbed round moves the median little. Absolute times are in the JSON.
+table shows the median over rounds and, as its spread, the middle half of them (25th-75th
+percentile). In one round each contender is called as many times as fill about half a
+second (the same count for all), so a single hiccup of the machine cannot decide a round.
+Drift and other processes then slow both sides of a ratio alike, and one disturbed round
+moves the median little. Absolute times are in the JSON.
 
 Rows, each with its goal:
   * LoRA training step / full fine-tuning step, same model and batch (goal ≤ 0.75). A frozen
     weight skips one of a linear layer's three matrix products, so the FLOP floor is 2/3 plus
     what costs the same either way (attention, GELU, LayerNorm, ...). On the "cpu" profile's
-    model and on a d=384, 4-layer, 7.2M-parameter GPT with batch 32×128;
+    model and on a d=384, 4-layer, 7.2M-parameter GPT with batch 32×128. Raced alongside, the
+    floor itself: the same model with every weight frozen and only the target layers' biases
+    training (variants.py's ``frozen``), the cheapest step any adapter on those layers can have;
+    "LoRA / floor" is then what the rank-r adapters themselves cost;
   * lora_lab's step / Hugging Face PEFT's step, same targets and rank (goal ≤ 0.80), plus
     loralib, the plain readable path and the seed's layer as contrasts (no goal);
   * inference, no_grad and eval: unmerged LoRA forward / base forward (goal ≤ 1.05), and the
@@ -22,7 +28,8 @@ Rows, each with its goal:
   * generation, 256 new tokens: recomputing the context / using the KV cache (goal ≥ 3×);
   * peak resident memory (RSS high-water mark, each run in a fresh process) of a LoRA
     training step / a full fine-tuning step on the "seed" profile's model at its batch size
-    (goal ≤ 0.75), and, as a contrast, at a small batch where activations weigh less.
+    (goal ≤ 0.75), the same for the frozen floor, and, as a contrast, LoRA at a small batch
+    where activations weigh less.
 """
 
 from __future__ import annotations
@@ -121,6 +128,7 @@ class RunSettings:
     quick: bool
     rounds: int  # timed rounds per comparison (each yields one ratio)
     warmup: int  # untimed calls of each contender first (allocations, optimiser state)
+    round_seconds: float  # each contender's share of a round lasts about this long (0: one call)
     gen_tokens: int
     gen_rounds: int
     memory_small_batch: int  # the second, small batch of the memory rows
@@ -130,8 +138,10 @@ class RunSettings:
 def run_settings(quick: bool, rounds: int | None) -> RunSettings:
     if quick:
         # memory_small_batch = the tiny batch itself: the two memory rows then share two processes.
-        return RunSettings(True, rounds or 2, 1, 8, 1, 2, quick_settings())
-    return RunSettings(False, rounds or 7, 2, 256, 3, 4, full_settings())
+        return RunSettings(True, rounds or 2, 1, 0.0, 8, 1, 2, quick_settings())
+    # Half a second per contender per round: a single step of the small model takes ~0.2 s, and
+    # rounds of one step measured per-round ratios from 0.55 to 1.22 on this 2-core machine.
+    return RunSettings(False, rounds or 7, 2, 0.5, 256, 3, 4, full_settings())
 
 
 # --------------------------------------------------------------------------- measuring
@@ -169,12 +179,20 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def race(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int, bar: tqdm | None = None) -> dict:
-    """Time each contender once per round, in an order rotated every round; per-round times."""
+def race(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int, bar: tqdm | None = None,
+         round_seconds: float = 0.0) -> dict:
+    """Time each contender once per round, in an order rotated every round; per-round seconds
+    per call. Every contender is called the same number of times per round: enough that the
+    fastest one's share lasts about ``round_seconds`` (a warm-up call sizes it), at least once.
+    The count is kept under the key ``"calls_per_round"``."""
     names = list(contenders)
     for name in names:
         for _ in range(warmup):
             contenders[name]()
+    calls = 1
+    if round_seconds > 0:
+        fastest = min(_timed(contenders[name]) for name in names)
+        calls = max(1, min(50, round(round_seconds / max(fastest, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in names}
     # Autograd graphs are freed by reference counting, so the cyclic collector is not needed
     # while racing; a collection landing inside one contender's timing would bias it.
@@ -183,17 +201,40 @@ def race(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int, 
     try:
         for r in range(rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(_timed(contenders[name]))
+                times[name].append(_timed(lambda f=contenders[name]: [f() for _ in range(calls)]) / calls)
             if bar is not None:
                 bar.update(1)
     finally:
         gc.enable()
-    return times
+    return {**times, "calls_per_round": calls}
+
+
+def per_round_ratios(times: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """One ratio per round: both sides of it ran back to back."""
+    return [a / b for a, b in zip(times[numerator], times[denominator], strict=True)]
 
 
 def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
-    """Median over rounds of the per-round ratio: both sides of one ratio ran back to back."""
-    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator], strict=True))
+    """Median over rounds of the per-round ratio."""
+    return statistics.median(per_round_ratios(times, numerator, denominator))
+
+
+def ratio_spread(times: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """The middle half of the per-round ratios: [25th, 75th percentile] (both the one ratio
+    when there is a single round)."""
+    ratios = per_round_ratios(times, numerator, denominator)
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]]
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [quartiles[0], quartiles[2]]
+
+
+def timed_row(row_id: str, description: str, times: dict, numerator: str, denominator: str,
+              goal: float | None = None, goal_kind: str = "<=", tolerance: float = 0.0,
+              details: dict | None = None) -> Row:
+    """A row whose ratio is the median per-round ratio of two raced contenders, with its spread."""
+    return Row(row_id, description, median_ratio(times, numerator, denominator), goal, goal_kind, tolerance,
+               details=details or {}, spread=ratio_spread(times, numerator, denominator))
 
 
 @dataclass
@@ -206,6 +247,7 @@ class Row:
     tolerance: float = 0.0
     details: dict = dataclasses.field(default_factory=dict)
     passed: bool | None = None
+    spread: list[float] | None = None  # [25th, 75th percentile] of the per-round ratios (timed rows)
 
     def judge(self, quick: bool) -> None:
         if self.goal is None or quick or not math.isfinite(self.ratio):
@@ -226,6 +268,9 @@ class Row:
 
     def mark(self) -> str:
         return {True: "pass", False: "FAIL", None: "-"}[self.passed]
+
+    def spread_text(self) -> str:
+        return "" if self.spread is None else f"{self.spread[0]:.2f}–{self.spread[1]:.2f}"
 
 
 # --------------------------------------------------------------------------- the benchmarks
@@ -259,39 +304,47 @@ def training_step(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tens
 
 
 def bench_training(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm | None) -> list[Row]:
-    """Two races: the contenders with goals (full, lora_lab, PEFT) in short rounds, so that
-    drift between the two sides of a ratio stays small, then the contrasts."""
+    """Two races: the contenders with goals (full, lora_lab, PEFT) and the frozen floor, then
+    the contrasts; each ratio is taken within one race, so drift between them cannot enter it."""
     base = _base_model(setting)
     idx, targets = _batch(setting, seed=1)
 
     def contenders(names: Sequence[str]) -> dict[str, Callable[[], None]]:
         return {name: training_step(build_variant(name, base, RANK, ALPHA), idx, targets) for name in names}
 
-    times = race(contenders(("full", "lora_lab", "peft")), run.rounds, run.warmup, bar)
+    times = race(contenders(("full", "lora_lab", "peft", "frozen")), run.rounds, run.warmup, bar, run.round_seconds)
     contrast_rounds = max(1, (run.rounds + 1) // 2)
     contrast = race(contenders(("full", "lora_lab", "loralib", "lora_lab_plain", "seed")), contrast_rounds,
-                    run.warmup, bar)
+                    run.warmup, bar, run.round_seconds)
 
-    def details(t: dict[str, list[float]], rounds: int) -> dict:
-        return {"model": setting.describe(), "rounds": rounds, "seconds_per_round": t,
-                "median_seconds": {n: statistics.median(v) for n, v in t.items()}}
+    def details(t: dict, rounds: int) -> dict:
+        per_round = {n: v for n, v in t.items() if n != "calls_per_round"}
+        return {"model": setting.describe(), "rounds": rounds, "calls_per_round": t["calls_per_round"],
+                "seconds_per_round": per_round,
+                "median_seconds": {n: statistics.median(v) for n, v in per_round.items()}}
 
     main, side = details(times, run.rounds), details(contrast, contrast_rounds)
     where = f"{setting.label}, r={RANK} on {','.join(TARGETS)}"
     rows = [
-        Row(f"train.{key}.lora_lab_vs_full", f"LoRA step / full fine-tuning step ({where})",
-            median_ratio(times, "lora_lab", "full"), 0.75, details=main),
-        Row(f"train.{key}.lora_lab_vs_peft", f"lora_lab LoRA step / PEFT LoRA step ({setting.label})",
-            median_ratio(times, "lora_lab", "peft"), 0.80, details=main),
-        Row(f"train.{key}.peft_vs_full", f"PEFT step / full fine-tuning step ({setting.label})",
-            median_ratio(times, "peft", "full"), details=main),
-        Row(f"train.{key}.lora_lab_vs_loralib", f"lora_lab LoRA step / loralib LoRA step ({setting.label})",
-            median_ratio(contrast, "lora_lab", "loralib"), details=side),
+        timed_row(f"train.{key}.lora_lab_vs_full", f"LoRA step / full fine-tuning step ({where})",
+                  times, "lora_lab", "full", 0.75, details=main),
+        timed_row(f"train.{key}.lora_lab_vs_peft", f"lora_lab LoRA step / PEFT LoRA step ({setting.label})",
+                  times, "lora_lab", "peft", 0.80, details=main),
+        timed_row(f"train.{key}.frozen_vs_full",
+                  f"frozen floor (weights frozen, biases train) step / full fine-tuning step ({setting.label})",
+                  times, "frozen", "full", details=main),
+        timed_row(f"train.{key}.lora_lab_vs_frozen", f"LoRA step / frozen floor step ({setting.label})",
+                  times, "lora_lab", "frozen", details=main),
+        timed_row(f"train.{key}.peft_vs_full", f"PEFT step / full fine-tuning step ({setting.label})",
+                  times, "peft", "full", details=main),
+        timed_row(f"train.{key}.lora_lab_vs_loralib", f"lora_lab LoRA step / loralib LoRA step ({setting.label})",
+                  contrast, "lora_lab", "loralib", details=side),
     ]
     for name, what in (("loralib", "loralib"), ("lora_lab_plain", "plain readable path (fused=False)"),
                        ("seed", "seed's layer (materialises B·Aᵀ)")):
-        rows.append(Row(f"train.{key}.{name}_vs_full", f"{what} step / full fine-tuning step ({setting.label})",
-                        median_ratio(contrast, name, "full"), details=side))
+        rows.append(timed_row(f"train.{key}.{name}_vs_full",
+                              f"{what} step / full fine-tuning step ({setting.label})",
+                              contrast, name, "full", details=side))
     return rows
 
 
@@ -314,16 +367,18 @@ def bench_inference(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm
     # A forward pass is a fraction of a training step, and the goals here sit within a few per
     # cent of 1: three times the rounds.
     rounds = 3 * run.rounds
-    times = race({"base": forward(base), "unmerged": forward(lora), "merged": forward(merged)}, rounds, run.warmup)
+    times = race({"base": forward(base), "unmerged": forward(lora), "merged": forward(merged)}, rounds, run.warmup,
+                 round_seconds=run.round_seconds / 2)
     if bar is not None:
         bar.update(1)
-    details = {"model": setting.describe(), "rounds": rounds,
+    calls = times.pop("calls_per_round")
+    details = {"model": setting.describe(), "rounds": rounds, "calls_per_round": calls,
                "seconds_per_round": times, "median_seconds": {n: statistics.median(t) for n, t in times.items()}}
     return [
-        Row(f"infer.{key}.unmerged_vs_base", f"unmerged LoRA forward / base forward, no_grad ({setting.label})",
-            median_ratio(times, "unmerged", "base"), 1.05, details=details),
-        Row(f"infer.{key}.merged_vs_base", f"merge_lora copy forward / base forward, no_grad ({setting.label})",
-            median_ratio(times, "merged", "base"), 1.00, "≈", 0.03, details=details),
+        timed_row(f"infer.{key}.unmerged_vs_base", f"unmerged LoRA forward / base forward, no_grad ({setting.label})",
+                  times, "unmerged", "base", 1.05, details=details),
+        timed_row(f"infer.{key}.merged_vs_base", f"merge_lora copy forward / base forward, no_grad ({setting.label})",
+                  times, "merged", "base", 1.00, "≈", 0.03, details=details),
     ]
 
 
@@ -337,16 +392,17 @@ def bench_generation(key: str, setting: ModelSetting, run: RunSettings, bar: tqd
         "cache": lambda: model.generate(prompt, n, temperature=0.0, use_cache=True),
     }
     same = torch.equal(calls["cache"](), calls["no_cache"]())  # doubles as the warm-up
-    times = race(calls, run.gen_rounds, 0, bar)
+    times = race(calls, run.gen_rounds, 0, bar)  # one generation is seconds long already
+    times.pop("calls_per_round")
     details = {"model": setting.describe(), "new_tokens": n, "prompt_tokens": 1, "rounds": run.gen_rounds,
                "same_tokens_with_and_without_cache": same,
                "seconds_per_round": times, "median_seconds": {k: statistics.median(t) for k, t in times.items()}}
     if 1 + n > setting.config.block_size:
         details["note"] = (f"the context outgrows block_size={setting.config.block_size} after "
                            f"{setting.config.block_size - 1} tokens: past that, the cache is rebuilt at every step")
-    return [Row(f"generate.{key}.no_cache_vs_cache",
-                f"generation, {n} new tokens: recomputing the context / KV cache ({setting.label}, LoRA unmerged)",
-                median_ratio(times, "no_cache", "cache"), 3.0, ">=", details=details)]
+    what = f"generation, {n} new tokens: recomputing the context / KV cache ({setting.label}, LoRA unmerged)"
+    return [timed_row(f"generate.{key}.no_cache_vs_cache", what, times, "no_cache", "cache", 3.0, ">=",
+                      details=details)]
 
 
 # ---- peak memory, each contender in a fresh process (RSS high-water marks never go down)
@@ -413,21 +469,24 @@ def bench_memory(key: str, setting: ModelSetting, small_batch: int, threads: int
     LoRA saves the frozen weights' gradients and AdamW moments (12 bytes per parameter), while
     activations cost the same in both, so the ratio depends on how much activations weigh."""
     base_spec = {"config": setting.config.to_dict(), "threads": threads, "steps": 2}
+    measured = [(setting.batch_size, "lora_lab", f"memory.{key}.lora_lab_vs_full", "LoRA step", 0.75),
+                (setting.batch_size, "frozen", f"memory.{key}.frozen_vs_full",
+                 "frozen floor (weights frozen, biases train)", None),
+                (small_batch, "lora_lab", f"memory.{key}.small_batch.lora_lab_vs_full", "LoRA step", None)]
     specs = {(variant, batch): {**base_spec, "variant": variant, "batch_size": batch}
-             for batch in (setting.batch_size, small_batch) for variant in ("full", "lora_lab")}
+             for batch, variant, *_ in measured + [(setting.batch_size, "full"), (small_batch, "full")]}
     results = _memory_children(specs, bar)
     rows = []
-    for batch, row_id, goal in ((setting.batch_size, f"memory.{key}.lora_lab_vs_full", 0.75),
-                                (small_batch, f"memory.{key}.small_batch.lora_lab_vs_full", None)):
-        full, lora = results[("full", batch)], results[("lora_lab", batch)]
+    for batch, variant, row_id, what, goal in measured:
+        full, other = results[("full", batch)], results[(variant, batch)]
         # What training adds above the interpreter and torch's libraries (the same in both runs);
         # a tiny model (--quick) may never rise above the import's own high-water mark.
-        added_full, added_lora = (r["peak_mb"] - r["after_import_mb"] for r in (full, lora))
+        added_full, added_other = (r["peak_mb"] - r["after_import_mb"] for r in (full, other))
         details = {"model": setting.describe(), "batch": f"{batch}×{setting.config.block_size}",
-                   "steps": base_spec["steps"], "full_mb": full, "lora_lab_mb": lora,
-                   "above_import_ratio": added_lora / added_full if added_full > 0 else None}
-        rows.append(Row(row_id, f"peak RSS, LoRA step / full fine-tuning step ({setting.label}, batch "
-                                f"{batch}×{setting.config.block_size})", lora["peak_mb"] / full["peak_mb"], goal,
+                   "steps": base_spec["steps"], "full_mb": full, f"{variant}_mb": other,
+                   "above_import_ratio": added_other / added_full if added_full > 0 else None}
+        rows.append(Row(row_id, f"peak RSS, {what} / full fine-tuning step ({setting.label}, batch "
+                                f"{batch}×{setting.config.block_size})", other["peak_mb"] / full["peak_mb"], goal,
                         details=details))
     return rows
 
@@ -435,9 +494,14 @@ def bench_memory(key: str, setting: ModelSetting, small_batch: int, threads: int
 # --------------------------------------------------------------------------- main
 
 
-def run_all(run: RunSettings, threads: int) -> list[Row]:
+def run_all(run: RunSettings, threads: int, machine: dict) -> list[Row]:
+    """Every row. ``machine["load_average_at_end"]`` is taken after the timed races and before
+    the memory runs, whose processes load the machine themselves but time nothing."""
     models = run.models
-    n_races = 2 * (run.rounds + max(1, (run.rounds + 1) // 2)) + 2 + run.gen_rounds + 4
+    n_memory_processes = len({("full", b) for b in (models["seed"].batch_size, run.memory_small_batch)}
+                             | {("lora_lab", models["seed"].batch_size), ("frozen", models["seed"].batch_size),
+                                ("lora_lab", run.memory_small_batch)})
+    n_races = 2 * (run.rounds + max(1, (run.rounds + 1) // 2)) + 2 + run.gen_rounds + n_memory_processes
     with tqdm(total=n_races, desc="benchmark rounds", disable=run.quick, file=sys.stderr) as bar:
         rows = []
         for key in ("cpu", "7m"):
@@ -445,6 +509,7 @@ def run_all(run: RunSettings, threads: int) -> list[Row]:
         for key in ("cpu", "7m"):
             rows += bench_inference(key, models[key], run, bar)
         rows += bench_generation("seed", models["seed"], run, bar)
+        machine["load_average_at_end"] = _load_average()
         rows += bench_memory("seed", models["seed"], run.memory_small_batch, threads, bar)
     for row in rows:
         row.judge(run.quick)
@@ -455,19 +520,20 @@ def print_report(machine: dict, run: RunSettings, rows: Sequence[Row]) -> None:
     print("lora_lab benchmark" + ("  (--quick: tiny sizes, nothing judged)" if run.quick else ""))
     print(f"  CPU: {machine['cpu']}, {machine['logical_cores']} logical cores; torch {machine['torch']}, "
           f"{machine['torch_threads']} threads; Python {machine['python']}")
-    print(f"  load average at start: {machine['load_average_at_start']}, at end: {machine.get('load_average_at_end')}"
-          " (other processes slow both sides of a ratio, but add noise)")
+    print(f"  load average at start: {machine['load_average_at_start']}, at the end of the timing: "
+          f"{machine.get('load_average_at_end')} (other processes slow both sides of a ratio, but add noise)")
     if machine["busy"]:
         print(f"  WARNING: the machine was busy (more runnable processes than its {machine['logical_cores']} cores): "
               "expect noisy ratios, especially with several threads; rerun on a quiet machine, or with --threads 1")
     for setting in run.models.values():
         print(f"  model {setting.describe()}")
     print(f"  medians of {run.rounds} alternating rounds after {run.warmup} warm-up calls each "
-          f"(generation: {run.gen_rounds} rounds)\n")
+          f"(generation: {run.gen_rounds} rounds); spread: the middle half of the per-round ratios\n")
     width = max(len(r.description) for r in rows)
-    print(f"{'measurement':<{width}}  {'ratio':>7}  {'goal':>11}  mark")
+    print(f"{'measurement':<{width}}  {'ratio':>7}  {'spread':>9}  {'goal':>11}  mark")
     for row in rows:
-        print(f"{row.description:<{width}}  {row.ratio:7.3f}  {row.goal_text():>11}  {row.mark()}")
+        print(f"{row.description:<{width}}  {row.ratio:7.3f}  {row.spread_text():>9}  {row.goal_text():>11}  "
+              f"{row.mark()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -491,8 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     run = run_settings(args.quick, args.rounds)
     machine = machine_description(torch.get_num_threads())
-    rows = run_all(run, torch.get_num_threads())
-    machine["load_average_at_end"] = _load_average()
+    rows = run_all(run, torch.get_num_threads(), machine)
     loads = [la[0] for la in (machine["load_average_at_start"], machine["load_average_at_end"]) if la]
     machine["busy"] = bool(loads) and max(loads) > (machine["logical_cores"] or 1)
     print_report(machine, run, rows)
@@ -500,7 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {
         "quick": run.quick,
         "machine": machine,
-        "settings": {"rounds": run.rounds, "warmup": run.warmup, "generation_tokens": run.gen_tokens,
+        "settings": {"rounds": run.rounds, "warmup": run.warmup, "round_seconds": run.round_seconds,
+                     "generation_tokens": run.gen_tokens,
                      "generation_rounds": run.gen_rounds, "rank": RANK, "alpha": ALPHA, "targets": list(TARGETS),
                      "models": {k: {"description": s.describe(), "config": s.config.to_dict(),
                                     "batch_size": s.batch_size} for k, s in run.models.items()}},

@@ -8,6 +8,11 @@
   each target ``nn.Linear``.
 * ``seed``: the original course module's layer, which materialises ``B·Aᵀ`` on every call
   (copied below verbatim, as the contrast).
+* ``frozen``: no adapter and every weight frozen; only the target layers' biases train (BitFit,
+  Ben Zaken et al. 2021). Autograd then runs the very graph LoRA needs — the gradient reaches
+  the output of every target layer, and its input wherever something below still trains —
+  with no weight gradient and, in place of the rank-r products, one cheap sum per layer. No
+  adapter on those layers can cost less: it is the floor under every "LoRA / full" ratio.
 
 Every LoRA variant trains exactly the same number of parameters; :func:`build_variant`
 checks it, so a ratio never compares different amounts of work by accident.
@@ -26,7 +31,7 @@ from lora_lab import apply_lora_to_model, find_target_modules
 #: LoRA on every projection of every block, lm_head left alone (lora-cost.md's setting).
 TARGETS = ("q", "k", "v", "o", "up", "down")
 
-VARIANTS = ("full", "lora_lab", "lora_lab_plain", "peft", "loralib", "seed")
+VARIANTS = ("full", "lora_lab", "lora_lab_plain", "peft", "loralib", "seed", "frozen")
 
 # --------------------------------------------------------------------------- the seed's code
 # Copied from the original course module (module 06-LoRA's README, /work/shared/seed), names
@@ -108,6 +113,15 @@ def build_variant(variant: str, base: nn.Module, rank: int = 4, alpha: float = 1
         model = copy.deepcopy(base)
         for param in model.parameters():
             param.requires_grad = True
+    elif variant == "frozen":
+        model = copy.deepcopy(base)
+        for param in model.parameters():
+            param.requires_grad = False
+        for layer in _targets(model):
+            if layer.bias is None:
+                raise ValueError("the 'frozen' floor trains the target layers' biases; this model has none "
+                                 "(bias=False): build it with bias=True")
+            layer.bias.requires_grad = True
     elif variant in ("lora_lab", "lora_lab_plain"):
         model = apply_lora_to_model(base, rank, alpha, target_modules=list(TARGETS), fused=variant == "lora_lab")
     elif variant == "peft":
@@ -124,7 +138,7 @@ def build_variant(variant: str, base: nn.Module, rank: int = 4, alpha: float = 1
         _freeze_all_but_lora(model)
     else:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    if variant != "full":
+    if variant not in ("full", "frozen"):
         expected = sum(rank * (m.in_features + m.out_features) for m in _targets(base))
         got = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if got != expected:

@@ -20,10 +20,11 @@ BENCH = ROOT / "benchmarks" / "bench.py"
 EXPECTED_ROWS = {
     *(f"train.{model}.{name}" for model in ("cpu", "7m") for name in (
         "lora_lab_vs_full", "lora_lab_vs_peft", "lora_lab_vs_loralib", "peft_vs_full", "loralib_vs_full",
-        "lora_lab_plain_vs_full", "seed_vs_full")),
+        "lora_lab_plain_vs_full", "seed_vs_full", "frozen_vs_full", "lora_lab_vs_frozen")),
     *(f"infer.{model}.{name}" for model in ("cpu", "7m") for name in ("unmerged_vs_base", "merged_vs_base")),
     "generate.seed.no_cache_vs_cache",
     "memory.seed.lora_lab_vs_full",
+    "memory.seed.frozen_vs_full",
     "memory.seed.small_batch.lora_lab_vs_full",
 }
 
@@ -44,6 +45,59 @@ def test_quick_benchmark_writes_every_row(tmp_path: Path) -> None:
     for row in rows.values():
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
         assert row["passed"] is None  # --quick judges nothing
+        if not row["id"].startswith("memory."):  # timed rows: the middle half of the per-round ratios
+            low, high = row["spread"]
+            assert low <= row["ratio"] <= high, row
     assert rows["generate.seed.no_cache_vs_cache"]["details"]["same_tokens_with_and_without_cache"] is True
     for row_id in EXPECTED_ROWS:  # the table printed every row
         assert rows[row_id]["description"] in done.stdout
+
+
+def _load_bench_module(name: str):
+    import importlib.util
+
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_lora_lab_{name}", BENCH.parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH.parent))
+
+
+@pytest.mark.skipif(not BENCH.exists(), reason="benchmarks/ is not part of this checkout")
+def test_frozen_floor_trains_only_the_target_biases() -> None:
+    from lora_lab.model import GPT, GPTConfig
+
+    variants = _load_bench_module("variants")
+    base = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    floor = variants.build_variant("frozen", base)
+    trained = sorted(name for name, p in floor.named_parameters() if p.requires_grad)
+    layers = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down")
+    assert trained == sorted(f"blocks.{i}.{layer}.bias" for i in range(2) for layer in layers)
+    assert all(p.requires_grad for p in base.parameters())  # the base model was copied, not changed
+    with pytest.raises(ValueError, match="bias=False"):
+        variants.build_variant("frozen", GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2,
+                                                       n_embd=16, bias=False)))
+
+
+@pytest.mark.skipif(not BENCH.exists(), reason="benchmarks/ is not part of this checkout")
+def test_race_calls_each_contender_equally_and_spread_brackets_the_median() -> None:
+    bench = _load_bench_module("bench")
+    calls = {"a": 0, "b": 0}
+
+    def contender(name: str):
+        def call() -> None:
+            calls[name] += 1
+        return call
+
+    times = bench.race({"a": contender("a"), "b": contender("b")}, rounds=5, warmup=1, round_seconds=1e-4)
+    per_round = times["calls_per_round"]
+    assert 1 <= per_round <= 50
+    assert calls["a"] == calls["b"] == 1 + 1 + 5 * per_round  # warm-up, sizing call, the rounds
+    ratios = {"x": [1.0, 2.0, 3.0, 4.0, 5.0], "y": [1.0] * 5}
+    assert bench.median_ratio(ratios, "x", "y") == 3.0
+    assert bench.ratio_spread(ratios, "x", "y") == [2.0, 4.0]
+    assert bench.ratio_spread({"x": [2.0], "y": [1.0]}, "x", "y") == [2.0, 2.0]
