@@ -166,9 +166,13 @@ def test_benchmark_figures_come_from_bench_json(built):
         "train.7m.loralib_vs_full",
         "infer.7m.merged_vs_base",
         "infer.7m.unmerged_vs_base",
+        "train.cpu.frozen_vs_full",  # the floor: in the table and in the text after it
+        "train.7m.frozen_vs_full",
     ):
         assert f"{_bench_ratio(row_id):.2f}×" in text, row_id
+    assert "BitFit" in text
     assert f"{100 * _bench_ratio('memory.seed.lora_lab_vs_full'):.0f}%" in text
+    assert f"{100 * _bench_ratio('memory.seed.frozen_vs_full'):.0f}%" in text
     assert f"{100 * _bench_ratio('memory.seed.small_batch.lora_lab_vs_full'):.0f}%" in text
     # The machine, and the warning that it was busy (the fixture says so).
     flat = " ".join(text.split())

@@ -216,14 +216,17 @@ BENCH_RATIOS = {
     "train.cpu.peft_vs_full": 1.2755,
     "train.cpu.loralib_vs_full": 1.2199,
     "train.cpu.seed_vs_full": 1.5521,
+    "train.cpu.frozen_vs_full": 0.7321,
     "train.7m.lora_lab_vs_full": 0.7466,
     "train.7m.lora_lab_plain_vs_full": 1.0143,
     "train.7m.peft_vs_full": 0.9588,
     "train.7m.loralib_vs_full": 1.0311,
     "train.7m.seed_vs_full": 1.6543,
+    "train.7m.frozen_vs_full": 0.6987,
     "infer.7m.unmerged_vs_base": 1.0234,
     "infer.7m.merged_vs_base": 0.9912,
     "memory.seed.lora_lab_vs_full": 0.9611,
+    "memory.seed.frozen_vs_full": 0.7812,
     "memory.seed.small_batch.lora_lab_vs_full": 0.8133,
 }
 
