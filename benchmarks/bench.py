@@ -173,10 +173,12 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object], calls: int = 1) -> float:
+    """Seconds per call of ``fn``, over ``calls`` calls in a row."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
 
 
 def race(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int, bar: tqdm | None = None,
@@ -201,7 +203,7 @@ def race(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int, 
     try:
         for r in range(rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(_timed(lambda f=contenders[name]: [f() for _ in range(calls)]) / calls)
+                times[name].append(_timed(contenders[name], calls))
             if bar is not None:
                 bar.update(1)
     finally:
