@@ -181,12 +181,17 @@ def _timed(fn: Callable[[], object], calls: int = 1) -> float:
     return (time.perf_counter() - start) / calls
 
 
+@dataclass(frozen=True)
+class RaceResult:
+    seconds: dict[str, list[float]]  # per contender: seconds per call, one entry per round
+    calls_per_round: int
+
+
 def race(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int, bar: tqdm | None = None,
-         round_seconds: float = 0.0) -> dict:
-    """Time each contender once per round, in an order rotated every round; per-round seconds
-    per call. Every contender is called the same number of times per round: enough that the
-    fastest one's share lasts about ``round_seconds`` (a warm-up call sizes it), at least once.
-    The count is kept under the key ``"calls_per_round"``."""
+         round_seconds: float = 0.0) -> RaceResult:
+    """Time each contender once per round, in an order rotated every round. Every contender is
+    called the same number of times per round: enough that the fastest one's share lasts about
+    ``round_seconds`` (one untimed call each sizes it), and at least once."""
     names = list(contenders)
     for name in names:
         for _ in range(warmup):
@@ -208,7 +213,7 @@ def race(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int, 
                 bar.update(1)
     finally:
         gc.enable()
-    return {**times, "calls_per_round": calls}
+    return RaceResult(times, calls)
 
 
 def per_round_ratios(times: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
@@ -319,13 +324,13 @@ def bench_training(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm 
     contrast = race(contenders(("full", "lora_lab", "loralib", "lora_lab_plain", "seed")), contrast_rounds,
                     run.warmup, bar, run.round_seconds)
 
-    def details(t: dict, rounds: int) -> dict:
-        per_round = {n: v for n, v in t.items() if n != "calls_per_round"}
-        return {"model": setting.describe(), "rounds": rounds, "calls_per_round": t["calls_per_round"],
-                "seconds_per_round": per_round,
-                "median_seconds": {n: statistics.median(v) for n, v in per_round.items()}}
+    def details(result: RaceResult, rounds: int) -> dict:
+        return {"model": setting.describe(), "rounds": rounds, "calls_per_round": result.calls_per_round,
+                "seconds_per_round": result.seconds,
+                "median_seconds": {n: statistics.median(v) for n, v in result.seconds.items()}}
 
     main, side = details(times, run.rounds), details(contrast, contrast_rounds)
+    times, contrast = times.seconds, contrast.seconds
     where = f"{setting.label}, r={RANK} on {','.join(TARGETS)}"
     rows = [
         timed_row(f"train.{key}.lora_lab_vs_full", f"LoRA step / full fine-tuning step ({where})",
@@ -369,12 +374,12 @@ def bench_inference(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm
     # A forward pass is a fraction of a training step, and the goals here sit within a few per
     # cent of 1: three times the rounds.
     rounds = 3 * run.rounds
-    times = race({"base": forward(base), "unmerged": forward(lora), "merged": forward(merged)}, rounds, run.warmup,
-                 round_seconds=run.round_seconds / 2)
+    result = race({"base": forward(base), "unmerged": forward(lora), "merged": forward(merged)}, rounds,
+                  run.warmup, round_seconds=run.round_seconds / 2)
     if bar is not None:
         bar.update(1)
-    calls = times.pop("calls_per_round")
-    details = {"model": setting.describe(), "rounds": rounds, "calls_per_round": calls,
+    times = result.seconds
+    details = {"model": setting.describe(), "rounds": rounds, "calls_per_round": result.calls_per_round,
                "seconds_per_round": times, "median_seconds": {n: statistics.median(t) for n, t in times.items()}}
     return [
         timed_row(f"infer.{key}.unmerged_vs_base", f"unmerged LoRA forward / base forward, no_grad ({setting.label})",
@@ -394,8 +399,7 @@ def bench_generation(key: str, setting: ModelSetting, run: RunSettings, bar: tqd
         "cache": lambda: model.generate(prompt, n, temperature=0.0, use_cache=True),
     }
     same = torch.equal(calls["cache"](), calls["no_cache"]())  # doubles as the warm-up
-    times = race(calls, run.gen_rounds, 0, bar)  # one generation is seconds long already
-    times.pop("calls_per_round")
+    times = race(calls, run.gen_rounds, 0, bar).seconds  # one generation is seconds long already
     details = {"model": setting.describe(), "new_tokens": n, "prompt_tokens": 1, "rounds": run.gen_rounds,
                "same_tokens_with_and_without_cache": same,
                "seconds_per_round": times, "median_seconds": {k: statistics.median(t) for k, t in times.items()}}

@@ -93,10 +93,11 @@ def test_race_calls_each_contender_equally_and_spread_brackets_the_median() -> N
             calls[name] += 1
         return call
 
-    times = bench.race({"a": contender("a"), "b": contender("b")}, rounds=5, warmup=1, round_seconds=1e-4)
-    per_round = times["calls_per_round"]
+    result = bench.race({"a": contender("a"), "b": contender("b")}, rounds=5, warmup=1, round_seconds=1e-4)
+    per_round = result.calls_per_round
     assert 1 <= per_round <= 50
     assert calls["a"] == calls["b"] == 1 + 1 + 5 * per_round  # warm-up, sizing call, the rounds
+    assert [len(result.seconds[name]) for name in ("a", "b")] == [5, 5]
     ratios = {"x": [1.0, 2.0, 3.0, 4.0, 5.0], "y": [1.0] * 5}
     assert bench.median_ratio(ratios, "x", "y") == 3.0
     assert bench.ratio_spread(ratios, "x", "y") == [2.0, 4.0]
