@@ -319,18 +319,19 @@ def bench_training(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm 
     def contenders(names: Sequence[str]) -> dict[str, Callable[[], None]]:
         return {name: training_step(build_variant(name, base, RANK, ALPHA), idx, targets) for name in names}
 
-    times = race(contenders(("full", "lora_lab", "peft", "frozen")), run.rounds, run.warmup, bar, run.round_seconds)
+    goal_race = race(contenders(("full", "lora_lab", "peft", "frozen")), run.rounds, run.warmup, bar,
+                     run.round_seconds)
     contrast_rounds = max(1, (run.rounds + 1) // 2)
-    contrast = race(contenders(("full", "lora_lab", "loralib", "lora_lab_plain", "seed")), contrast_rounds,
-                    run.warmup, bar, run.round_seconds)
+    contrast_race = race(contenders(("full", "lora_lab", "loralib", "lora_lab_plain", "seed")), contrast_rounds,
+                         run.warmup, bar, run.round_seconds)
 
     def details(result: RaceResult, rounds: int) -> dict:
         return {"model": setting.describe(), "rounds": rounds, "calls_per_round": result.calls_per_round,
                 "seconds_per_round": result.seconds,
                 "median_seconds": {n: statistics.median(v) for n, v in result.seconds.items()}}
 
-    main, side = details(times, run.rounds), details(contrast, contrast_rounds)
-    times, contrast = times.seconds, contrast.seconds
+    main, side = details(goal_race, run.rounds), details(contrast_race, contrast_rounds)
+    times, contrast = goal_race.seconds, contrast_race.seconds
     where = f"{setting.label}, r={RANK} on {','.join(TARGETS)}"
     rows = [
         timed_row(f"train.{key}.lora_lab_vs_full", f"LoRA step / full fine-tuning step ({where})",
@@ -470,20 +471,31 @@ def _memory_children(specs: dict[tuple[str, int], dict], bar: tqdm | None) -> di
     return results
 
 
+def _memory_comparisons(key: str, setting: ModelSetting, small_batch: int) -> list[tuple]:
+    """The memory rows: (batch, variant compared with full fine-tuning, row id, what it is, goal)."""
+    return [(setting.batch_size, "lora_lab", f"memory.{key}.lora_lab_vs_full", "LoRA step", 0.75),
+            (setting.batch_size, "frozen", f"memory.{key}.frozen_vs_full",
+             "frozen floor (weights frozen, biases train)", None),
+            (small_batch, "lora_lab", f"memory.{key}.small_batch.lora_lab_vs_full", "LoRA step", None)]
+
+
+def _memory_processes(comparisons: list[tuple]) -> set[tuple[str, int]]:
+    """The (variant, batch) runs the comparisons need, each once: full fine-tuning at every batch."""
+    return {(variant, batch) for batch, variant, *_ in comparisons} | {("full", batch) for batch, *_ in comparisons}
+
+
 def bench_memory(key: str, setting: ModelSetting, small_batch: int, threads: int, bar: tqdm | None) -> list[Row]:
-    """Peak RSS of LoRA vs full fine-tuning at the profile's batch (the goal) and at a small one:
-    LoRA saves the frozen weights' gradients and AdamW moments (12 bytes per parameter), while
-    activations cost the same in both, so the ratio depends on how much activations weigh."""
+    """Peak RSS of LoRA and of the frozen floor vs full fine-tuning at the profile's batch (the
+    goal), and of LoRA at a small batch. LoRA saves the frozen weights' gradients and AdamW
+    moments (12 bytes per parameter) but keeps every adapted layer's input for A's gradient,
+    which the floor drops; how much that weighs depends on the batch."""
     base_spec = {"config": setting.config.to_dict(), "threads": threads, "steps": 2}
-    measured = [(setting.batch_size, "lora_lab", f"memory.{key}.lora_lab_vs_full", "LoRA step", 0.75),
-                (setting.batch_size, "frozen", f"memory.{key}.frozen_vs_full",
-                 "frozen floor (weights frozen, biases train)", None),
-                (small_batch, "lora_lab", f"memory.{key}.small_batch.lora_lab_vs_full", "LoRA step", None)]
+    comparisons = _memory_comparisons(key, setting, small_batch)
     specs = {(variant, batch): {**base_spec, "variant": variant, "batch_size": batch}
-             for batch, variant, *_ in measured + [(setting.batch_size, "full"), (small_batch, "full")]}
+             for variant, batch in _memory_processes(comparisons)}
     results = _memory_children(specs, bar)
     rows = []
-    for batch, variant, row_id, what, goal in measured:
+    for batch, variant, row_id, what, goal in comparisons:
         full, other = results[("full", batch)], results[(variant, batch)]
         # What training adds above the interpreter and torch's libraries (the same in both runs);
         # a tiny model (--quick) may never rise above the import's own high-water mark.
@@ -504,9 +516,7 @@ def run_all(run: RunSettings, threads: int, machine: dict) -> list[Row]:
     """Every row. ``machine["load_average_at_end"]`` is taken after the timed races and before
     the memory runs, whose processes load the machine themselves but time nothing."""
     models = run.models
-    n_memory_processes = len({("full", b) for b in (models["seed"].batch_size, run.memory_small_batch)}
-                             | {("lora_lab", models["seed"].batch_size), ("frozen", models["seed"].batch_size),
-                                ("lora_lab", run.memory_small_batch)})
+    n_memory_processes = len(_memory_processes(_memory_comparisons("seed", models["seed"], run.memory_small_batch)))
     n_races = 2 * (run.rounds + max(1, (run.rounds + 1) // 2)) + 2 + run.gen_rounds + n_memory_processes
     with tqdm(total=n_races, desc="benchmark rounds", disable=run.quick, file=sys.stderr) as bar:
         rows = []

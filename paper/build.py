@@ -397,22 +397,27 @@ def _compile(stage: Path, date: str) -> bytes:
     return pdf
 
 
+def _sibling_folder(data_dir: Path, role: str) -> Path:
+    """A new hidden folder next to ``data_dir``. Plain mkdir (not mkdtemp, which makes a private
+    0o700 folder): the snapshot is ordinary content and gets the umask's permissions. The random
+    suffix keeps concurrent builds apart."""
+    folder = data_dir.parent / f".{data_dir.name}-{role}-{uuid.uuid4().hex[:12]}"
+    folder.mkdir()
+    return folder
+
+
 def _replace_snapshot(files: dict[str, Path], data_dir: Path) -> None:
     """Replace ``data_dir`` by a folder holding exactly ``files`` (plus a README), atomically
     enough that a failure leaves either the old or the new snapshot in place."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Plain mkdir (not mkdtemp, which makes a private 0o700 folder): the snapshot is ordinary
-    # content and gets the umask's permissions. The random suffix keeps concurrent builds apart.
-    fresh = data_dir.parent / f".{data_dir.name}-new-{uuid.uuid4().hex[:12]}"
-    fresh.mkdir()
+    fresh = _sibling_folder(data_dir, "new")
     old = None
     try:
         for name, path in files.items():
             shutil.copy2(path, fresh / name)
         (fresh / "README.md").write_text(SNAPSHOT_README, encoding="utf-8")
         if data_dir.exists():
-            old = data_dir.parent / f".{data_dir.name}-old-{uuid.uuid4().hex[:12]}"
-            old.mkdir()
+            old = _sibling_folder(data_dir, "old")
             os.replace(data_dir, old / data_dir.name)
         try:
             os.replace(fresh, data_dir)
