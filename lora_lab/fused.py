@@ -31,8 +31,8 @@ gradients directly:
   pass over an ``(N, d_out)`` tensor is spent on it.
 * **A and B gradients by small GEMMs**: ``dA = (g·sB)ᵀ x`` and ``dB = gᵀ (x·sAᵀ)``, where
   ``g`` is the output gradient.
-* **only the inputs are saved**: backward rebuilds ``W_eff`` and ``u`` from ``x, W, A, B`` (their
-  cost is a fraction ``r/N`` of the layer's), so the Function keeps no activation-sized
+* **only the inputs are saved**: backward rebuilds ``W_eff`` and ``u`` from ``x, W, A, B`` (a
+  fraction ``r/N`` and ``r/d_out`` of the layer's FLOPs), so the Function keeps no activation-sized
   intermediate alive and double backward (``create_graph=True``) stays correct.
 
 Dropout on the adapter's input is applied *outside* the Function, by the caller, and its output

@@ -49,11 +49,12 @@ class LoRALayer(nn.Module):
         out_features: size of each output sample (``d_out``).
         rank: the rank ``r`` of ``ΔW = B A``.
         alpha: LoRA's ``α``; the update is scaled by ``α / r`` (or ``α / √r`` with rsLoRA),
-            so changing ``r`` does not change the update's size at initialisation and the
-            learning rate need not be retuned per rank.
+            so the first Adam steps move the output by about the same amount at every rank and
+            the learning rate need not be retuned per rank (Hu et al.); ``α / √r`` keeps large
+            ranks from being damped later on.
         dropout: dropout probability on the adapter's input (PEFT's ``lora_dropout``).
         init: how ``lora_A`` starts: ``"kaiming"`` (PEFT and loralib's
-            ``kaiming_uniform_(a=√5)``, the default), ``"gaussian"`` (``N(0, 1/r)``, PEFT's
+            ``kaiming_uniform_(a=√5)``, the default), ``"gaussian"`` (``N(0, 1/r²)``: std ``1/r``, PEFT's
             ``init_lora_weights="gaussian"``) or ``"seed"`` (``randn · 0.01``, as the
             original course module wrote it).
         use_rslora: scale by ``α / √r`` (Kalajdzievski 2023, "rank-stabilised LoRA").

@@ -265,17 +265,18 @@ def test_alpha_and_target_sweeps_reuse_equal_settings_from_the_cache(smoke, monk
 
 def test_sweeps_reject_bad_settings_before_training(smoke, monkeypatch):
     exp, base = smoke
-    with pytest.raises(ValueError, match="only once"):
-        analysis.rank_sweep(exp, base, ranks=(2, 2))
-    with pytest.raises(ValueError, match="rank must be a positive int"):
-        analysis.rank_sweep(exp, base, ranks=(0,))
-    with pytest.raises(ValueError, match="alpha must be"):
-        analysis.alpha_sweep(exp, base, alphas=(-1.0,))
 
     def no_training(*args, **kwargs):
         raise AssertionError("a sweep with a bad setting must fail before training anything")
 
+    # Ranks and alphas no other test trains, so no cached run can hide a training call.
     monkeypatch.setattr(pipeline, "train", no_training)
+    with pytest.raises(ValueError, match="only once"):
+        analysis.rank_sweep(exp, base, ranks=(7, 7))
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        analysis.rank_sweep(exp, base, ranks=(7, 0))
+    with pytest.raises(ValueError, match="alpha must be"):
+        analysis.alpha_sweep(exp, base, alphas=(5.0, -1.0))
     with pytest.raises(ValueError, match="matched no module"):
         analysis.target_sweep(exp, base, {"new": ["q"], "nothing": ["no_such_layer"]}, rank=3)
 

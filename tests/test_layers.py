@@ -676,6 +676,8 @@ def test_merge_never_writes_through_a_shared_weight_and_unmerge_is_exact():
     torch.testing.assert_close(layer(x), unmerged_out, rtol=1e-5, atol=1e-5)
     layer.unmerge()
     assert layer.original_layer.weight is embedding.weight  # the very same tensor is back: exact, still tied
+    assert torch.equal(embedding.weight, tied_before)  # and its values were never written
+    assert torch.equal(layer(x), unmerged_out)  # the same weights, the same products: bit for bit
 
 
 def test_merge_inside_disable_lora_is_refused():

@@ -108,6 +108,16 @@ def test_quality_checks_can_fail():
     checks = quality_checks(results)
     assert checks["lora_beats_base_on_target"] and not checks["lora_within_10pct_of_full"]
     assert not checks["lora_samples_80pct_valid"] and not checks["no_model_below_floor"]
+    # base→full closes 1.4; LoRA closes 1.0 of it (71%); neither forgets anything.
+    assert checks["lora_closes_70pct_of_gap"] and not checks["lora_forgets_less_than_full"]
+
+    models = results["models"]
+    models["lora"]["target_ppl"] = 2.1  # closes 0.9 of 1.4: 64%
+    models["full"]["source_ppl"] = 2.2  # full forgets 0.2, LoRA nothing
+    checks = quality_checks(results)
+    assert not checks["lora_closes_70pct_of_gap"] and checks["lora_forgets_less_than_full"]
+    models["base"]["target_ppl"] = 1.5  # full fine-tuning made the target worse: there is no gap to close
+    assert not quality_checks(results)["lora_closes_70pct_of_gap"]
 
 
 def test_non_finite_loss_names_the_step_and_restores_the_model():
@@ -186,7 +196,12 @@ def test_cli_run_with_sweep_writes_the_papers_sweep_outputs(smoke_run, tmp_path:
     out = tmp_path / "out"
     args = ["run", "--profile", "smoke", "--sweep", "--out", str(out), "--cache", str(root / "cache"), "--no-progress"]
     assert cli.main(args) == 0
-    assert "lora closes 70pct of gap" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    checks = json.loads((out / "results.json").read_text())["checks"]
+    assert "lora_closes_70pct_of_gap" in checks
+    for name, ok in checks.items():  # each check printed once, with its own verdict
+        verdict = f"{'PASS' if ok else 'FAIL'}  {name.replace('_', ' ')}"
+        assert printed.count(name.replace("_", " ")) == 1 and verdict in printed, (name, printed)
     sweep = json.loads((out / "sweep.json").read_text())
     ranks = [entry["rank"] for entry in sweep["runs"]]
     assert ranks == sorted(ranks) and len(ranks) >= 5

@@ -6,11 +6,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import re
+from pathlib import Path
+
 import pytest
+import torch
 from matplotlib import pyplot as plt
 from matplotlib.text import Text
 
-from lora_lab.plots import FONT_SIZES, _log_ticks, plot_loss_curves, plot_perplexities
+from lora_lab.analysis import plot_rank_sweep, plot_spectrum
+from lora_lab.plots import _log_ticks, plot_loss_curves, plot_perplexities
 from lora_lab.train import TrainResult
 
 FLOORS = {"target": 1.577, "source": 1.679}
@@ -50,16 +55,34 @@ def test_perplexity_labels_clear_the_legend_and_the_titles(target, source):
     plt.close(fig)
 
 
-def test_report_figures_use_print_sized_fonts():
+def _paper_text_width_inches() -> float:
+    """The companion PDF's text width, read from its page setup (A4, side margins)."""
+    main = (Path(__file__).resolve().parents[1] / "paper" / "main.typ").read_text(encoding="utf-8")
+    assert re.search(r'paper:\s*"a4"', main), "the paper is no longer A4: update this test's page width"
+    margin_cm = float(re.search(r"margin:\s*\(x:\s*([\d.]+)cm", main)[1])
+    return (21.0 - 2 * margin_cm) / 2.54
+
+
+def test_report_figures_print_at_8_pt_or_more():
+    """The PDF places every figure at its full text width, so a text of s pt in a figure w inches
+    wide prints at s · text width / w pt."""
     history = TrainResult([3.0, 2.0, 1.0], [(0, 3.0), (2, 1.0)], 1.0, 3)
+    runs = [{"rank": r, "alpha": 16.0, "target_ppl": 3.0 - 0.1 * r, "source_ppl": 2.5, "trainable_params": 100 * r}
+            for r in (1, 2, 4)]
+    generator = torch.Generator().manual_seed(0)
+    deltas = {f"blocks.{i}.attn.q": torch.randn(16, 16, generator=generator) for i in range(2)}
     figures = [
         plot_perplexities(_models([47.2, 3.8, 1.62, 1.61], [1.69, 2.45, 5.99, 6.76]), FLOORS),
         plot_loss_curves({"base": history, "lora": history}, FLOORS),
+        plot_rank_sweep(runs, {"base": {"target_ppl": 4.0, "source_ppl": 2.4}}, FLOORS),
+        plot_spectrum(deltas, deltas),
     ]
+    text_width = _paper_text_width_inches()
     for fig in figures:
         fig.canvas.draw()  # tick labels are made while drawing
-        sizes = {t.get_fontsize() for t in _visible_texts(fig)}
-        assert min(sizes) >= FONT_SIZES["font.size"], sizes
+        smallest = min(t.get_fontsize() for t in _visible_texts(fig))
+        printed = smallest * text_width / fig.get_size_inches()[0]
+        assert printed >= 7.9, f"{smallest} pt in a {fig.get_size_inches()[0]} in figure prints at {printed:.1f} pt"
         assert fig.legends and all(not ax.get_legend() for ax in fig.axes)  # legend outside the panels
         plt.close(fig)
     assert plt.rcParams["font.size"] == 10  # the sizes apply only while a figure is drawn
