@@ -310,6 +310,25 @@ def test_changed_numbers_and_missing_optional_pieces(tmp_path):
     assert not (tmp_path / "data" / "spectrum.png").exists()
 
 
+def test_a_shorter_sweep_says_so(built, tmp_path):
+    """The sweep's epochs are printed, and a sweep shorter than the main runs is flagged as not
+    comparable with the results table; the fixture's sweep records no epochs and gets neither."""
+    fixture_text = " ".join(built["text"].split())
+    assert "each trained for" not in fixture_text and "That is shorter" not in fixture_text
+    run = _copy_fixture(tmp_path / "run")
+    sweep = json.loads((run / "sweep.json").read_text(encoding="utf-8"))
+    for entry in sweep["runs"]:
+        entry["epochs"] = 2.0
+    (run / "sweep.json").write_text(json.dumps(sweep), encoding="utf-8")
+    finetune_epochs = _fixture_results()["profile_settings"]["finetune_epochs"]
+    assert finetune_epochs > 2.0
+
+    pdf = paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None)
+    text = " ".join(_text(pdf).split())  # one space wherever the PDF breaks a line
+    assert "each trained for 2 epochs" in text
+    assert f"That is shorter than the {finetune_epochs:g} epochs of the runs in Table" in text
+
+
 def test_missing_run_dir_is_a_clear_error_and_writes_nothing(tmp_path):
     out, data = tmp_path / "out.pdf", tmp_path / "data"
     proc = subprocess.run(
