@@ -8,6 +8,10 @@ A PEFT LoRA adapter (as checked with peft 0.21) is a directory holding two files
 - ``adapter_config.json``: ``r``, ``lora_alpha`` and ``use_rslora`` (which fix the scaling ``α/r``
   or ``α/√r``), ``target_modules`` and PEFT's bookkeeping.
 
+:func:`save_adapter` also records those settings in the weights file's safetensors metadata (key
+``lora_lab.adapter_config``, beside the ``format: pt`` entry PEFT expects; PEFT ignores other keys), so
+that :func:`load_adapter` can tell a weights file and a config that were not written by the same save.
+
 ``load_adapter`` is stricter than PEFT. PEFT only *warns* about adapter weights it cannot place
 and leaves those layers' B at zero, so a misnamed adapter silently does nothing. Here every
 mismatch is an error, and the model is written only after everything has been checked.
@@ -28,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .inject import lora_modules
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_path, json_text, safetensors_bytes
 from .layers import LoRALinear
 
 __all__ = ["save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
@@ -55,11 +59,26 @@ _INERT_FIELDS = {
 # These initialisations rewrite the base weights (e.g. PiSSA stores W - B0 A0), so their A and B only fit
 # that modified base. PEFT can convert them to plain LoRA when saving (path_initial_model_for_weight_conversion).
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# Safetensors metadata key under which save_adapter records _saved_settings(config) as compact JSON.
+_SETTINGS_KEY = "lora_lab.adapter_config"
 
 
 def _settings(layer: LoRALinear) -> tuple[int, float, bool, float]:
     dropout = layer.lora.dropout.p if isinstance(layer.lora.dropout, nn.Dropout) else 0.0
     return layer.lora.rank, layer.lora.alpha, layer.lora.use_rslora, dropout
+
+
+def _saved_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The config fields that say what the weights mean (their rank, scaling and layers). Fields that only
+    name or describe the adapter, such as base_model_name_or_path, are left out so hand edits keep working."""
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        targets = sorted(set(targets))  # PEFT reads the list as a set: order and repeats mean nothing
+    return {
+        "r": config.get("r"), "lora_alpha": config.get("lora_alpha"), "use_rslora": config.get("use_rslora", False),
+        "target_modules": targets,
+        "rank_pattern": config.get("rank_pattern") or {}, "alpha_pattern": config.get("alpha_pattern") or {},
+    }  # fmt: skip
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
@@ -69,7 +88,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
     Merged layers are saved too (merging changes only the base weight, never A and B). All layers
     must share one rank, alpha, use_rslora and dropout: PEFT's config can express per-layer values
     only through ``rank_pattern`` / ``alpha_pattern`` regexes, which this writer does not produce.
-    Both files are written atomically; on any error nothing is written. Returns the directory.
+
+    What an error or interruption (Ctrl-C) leaves behind:
+
+    - before the files are written (the model is refused) or while they are written (say, a full
+      disk): ``directory``'s earlier adapter files, byte-identical. Both files are written in full to
+      temporary files in ``directory`` first, and neither is moved into place unless both were written;
+    - in the short window between moving the weights into place and then the config: new weights
+      beside the old config. The weights record the settings they were saved with, so
+      :func:`load_adapter` refuses that pair ("come from different saves") rather than loading it.
+
+    Returns the directory.
     """
     directory = Path(directory)
     layers = lora_modules(model)
@@ -99,7 +128,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
         for name, layer in layers.items()
         for factor in "AB"
     }
-    config = {
+    config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True, "r": rank, "use_rslora": use_rslora, "lora_dropout": dropout,
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha,  # 8, not 8.0, as PEFT writes what users type
@@ -110,8 +139,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
         "layers_to_transform": None, "layers_pattern": None,
         "init_lora_weights": True,  # how A started does not matter once trained weights are loaded
     }  # fmt: skip
-    atomic_save_safetensors(directory / ADAPTER_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    atomic_write_json(directory / ADAPTER_CONFIG_NAME, dict(sorted(config.items())))  # sorted, as PEFT writes it
+    config = dict(sorted(config.items()))  # sorted, as PEFT writes it
+    settings_json = json.dumps(_saved_settings(config), sort_keys=True, separators=(",", ":"))
+    metadata = {"format": "pt", _SETTINGS_KEY: settings_json}  # PEFT expects "format": "pt"
+    # Two atomic_paths, nested: an error inside the block discards both temporary files. On the way out the
+    # inner one (the weights) is moved into place first, so a crash between the two moves can only leave new
+    # weights, which always carry their settings, beside an old config, and load_adapter detects that.
+    # The other order could leave old weights written by PEFT, with nothing to compare, beside a new config.
+    with (
+        atomic_path(directory / ADAPTER_CONFIG_NAME) as config_tmp,
+        atomic_path(directory / ADAPTER_WEIGHTS_NAME) as weights_tmp,
+    ):
+        weights_tmp.write_bytes(safetensors_bytes(tensors, metadata))
+        config_tmp.write_text(json_text(config), encoding="utf-8")
     return directory
 
 
@@ -189,14 +229,45 @@ def _expected(config: dict[str, Any], name: str) -> tuple[int, float, bool]:
     return r, float(alpha), config.get("use_rslora", False)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the safetensors metadata (``{}`` when the file has none)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the adapter directory lacks its weights file")
     try:  # safetensors holds a JSON header and raw bytes: nothing is unpickled, so nothing is executed
         with safe_open(path, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            return tensors, handle.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise ValueError(f"could not read {path} ({error}): the file is truncated or corrupt; save it again") from error
+
+
+def _check_same_save(config: dict[str, Any], metadata: dict[str, str], directory: Path) -> None:
+    """Refuse weights whose recorded settings disagree with the config: the two files were written by
+    different saves, and loading them would either fail on shapes, blaming the model, or silently
+    apply the wrong scaling."""
+    recorded = metadata.get(_SETTINGS_KEY)
+    if recorded is None:
+        return  # written by PEFT (or by hand): there is nothing to compare with
+    try:
+        saved = json.loads(recorded)
+    except json.JSONDecodeError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{directory / ADAPTER_WEIGHTS_NAME}: its {_SETTINGS_KEY!r} metadata is not a JSON object; the file is "
+            "corrupt, save the adapter again"
+        )
+    current = _saved_settings(config)
+    differences = [
+        f"{key}={current[key]!r} in {ADAPTER_CONFIG_NAME} but {saved[key]!r} in {ADAPTER_WEIGHTS_NAME}"
+        for key in sorted(current.keys() & saved.keys())  # a setting only one side knows cannot be compared
+        if current[key] != saved[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} in {directory} come from different saves "
+            f"({'; '.join(differences)}), probably because a save_adapter was interrupted; save the adapter again"
+        )
 
 
 def _match_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, LoRALinear]) -> dict[str, dict]:
@@ -225,14 +296,24 @@ def _match_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, LoRALinea
             f"and leaves B at zero). Prepare the model with target_modules={sorted(factors)}"
         )
     for name, layer in layers.items():
-        for factor, want in (("A", layer.lora.lora_A.shape), ("B", layer.lora.lora_B.shape)):
+        for factor, param in (("A", layer.lora.lora_A), ("B", layer.lora.lora_B)):
             tensor, where = factors[name][factor], f"{name}.lora_{factor} in the adapter"
-            if tensor.shape != want:
-                raise ValueError(f"{where} has shape {tuple(tensor.shape)}; the model's layer needs {tuple(want)}")
+            if tensor.shape != param.shape:
+                raise ValueError(
+                    f"{where} has shape {tuple(tensor.shape)}; the model's layer needs {tuple(param.shape)}"
+                )
             if not tensor.is_floating_point():
                 raise ValueError(f"{where} has dtype {tensor.dtype}; LoRA weights are floating point")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{where} holds NaN or inf; the adapter is broken, retrain or re-save it")
+            # copy_ casts to the parameter's dtype, where a finite value can round to inf (float16 stops at 65504)
+            if not torch.isfinite(tensor.to(param.dtype)).all():
+                dtype = str(param.dtype).removeprefix("torch.")
+                raise ValueError(
+                    f"{where} overflows {dtype}, the dtype of the model's {name}.lora_{factor}: it holds "
+                    f"{tensor.abs().max().item():g}, beyond {dtype}'s largest value {torch.finfo(param.dtype).max:g}. "
+                    "Load it into a model in float32 (or bfloat16), then convert"
+                )
     return factors
 
 
@@ -241,12 +322,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     into a model prepared with ``apply_lora_to_model`` using the adapter's rank, alpha,
     use_rslora and target modules. Returns the names of the loaded layers.
 
-    Everything is checked before the model is touched (config, scaling, tensor names, shapes,
-    dtypes, finiteness); on any error the model is left exactly as it was. Every LoRA layer of
-    the model must receive both A and B. Merged layers are refused: unmerge them first.
+    Everything is checked before the model is touched (config, that config and weights come from
+    the same save, scaling, tensor names, shapes, dtypes, finiteness, also after casting to the
+    model's dtype); on any error the model is left exactly as it was. Every LoRA layer of the model
+    must receive both A and B. Merged layers are refused: unmerge them first.
     """
     directory = Path(directory)
     config = _read_config(directory)
+    # Checked before the model is compared with the config: if the files do not belong together, the config
+    # cannot say how the model should have been prepared.
+    tensors, metadata = _read_weights(directory / ADAPTER_WEIGHTS_NAME)
+    _check_same_save(config, metadata, directory)
     layers = lora_modules(model)
     how = (
         f"apply_lora_to_model(base, rank={config['r']}, alpha={config['lora_alpha']}, "
@@ -265,7 +351,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                 f"has rank={rank}, alpha={model_alpha:g}, use_rslora={model_rslora}; a different scaling would change "
                 f"the outputs. Prepare the model with {how}"
             )
-    factors = _match_tensors(_read_tensors(directory / ADAPTER_WEIGHTS_NAME), layers)
+    factors = _match_tensors(tensors, layers)
     with torch.no_grad():  # copy_ casts to the model's dtype and device
         for name, layer in layers.items():
             layer.lora.lora_A.copy_(factors[name]["A"])

@@ -68,11 +68,12 @@ __all__ = [
     "plot_sweep_bars",
     "plot_spectrum",
     "plot_subspace_similarity",
+    "SWEEP_FILES",
     "write_sweep_outputs",
     "analyse_run",
 ]
 
-#: Epochs per sweep run. The main recipes train ``profile.finetune_epochs`` (5 on the cpu
+#: Epochs per sweep run. The main recipes train ``profile.finetune_epochs`` (30 on the cpu
 #: profile); 2 is a budget, not a choice of quality: the 14 runs of notebook 05's rank, rsLoRA,
 #: α and target sweeps took 112 s of CPU time on one thread with the cpu profile (2 blocks of
 #: width 128; 36 steps and an exact evaluation per run). Runs are therefore compared at an
@@ -756,6 +757,10 @@ def _png(fig: Figure) -> bytes:
     finally:
         plt.close(fig)
     return buffer.getvalue()
+
+
+#: The files :func:`write_sweep_outputs` may write into a run folder.
+SWEEP_FILES = ("sweep.json", "rank_sweep.png", "spectrum.png")
 
 
 def write_sweep_outputs(

@@ -800,11 +800,20 @@ def check_model_lora_count(fn: Callable[[nn.Module, int], int]) -> CheckResult:
     ``nn.Linear`` layers. Compared with lora_lab's count on a nested MLP and a small GPT; counting
     every parameter, full ``in·out`` matrices, biases, or only the top-level children is named,
     and so is changing the model."""
+    result = CheckResult(f"check_model_lora_count({getattr(fn, '__name__', 'fn')})")
+    # Inside the private generator: the models, the student's fn and apply_lora_to_model's fresh
+    # adapters all draw random numbers, and none of them may move the notebook's own.
+    with _private_rng():
+        _check_lora_counts(result, fn, _lora_count_models())
+    print(result.report())
+    return result
+
+
+def _check_lora_counts(
+    result: CheckResult, fn: Callable[[nn.Module, int], int], models: list[tuple[str, nn.Module]]
+) -> None:
     from .inject import apply_lora_to_model, count_parameters, lora_modules
 
-    result = CheckResult(f"check_model_lora_count({getattr(fn, '__name__', 'fn')})")
-    with _private_rng():
-        models = _lora_count_models()
     for label, model in models:
         flags = [p.requires_grad for p in model.parameters()]
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -855,5 +864,3 @@ def check_model_lora_count(fn: Callable[[nn.Module, int], int]) -> CheckResult:
                 result.ok(f"{label}: matches count_parameters(apply_lora_to_model(model, r))[0] for r = 1 and 4")
             continue
         break
-    print(result.report())
-    return result

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", default=None, help="output folder (default: runs/<corpus>-<profile>)")
     run.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    run.add_argument("--cache", default=None, help="artifact cache folder (default: ~/.cache/lora_lab/artifacts)")
+    run.add_argument("--cache", default=None, help="artifact cache folder (default: artifacts/ in $LORA_LAB_CACHE, "
+                     "else in $XDG_CACHE_HOME/lora_lab, else in ~/.cache/lora_lab)")
     run.add_argument(
         "--set",
         dest="overrides",
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep=args.sweep,
             **overrides,
         )
-    except (ValueError, FileNotFoundError, ConnectionError, FloatingPointError, RuntimeError) as error:
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as error:  # OSError: missing, unreadable, full
         print(f"lora-lab: error: {error}", file=sys.stderr)
         return 2
     print(format_table(results))

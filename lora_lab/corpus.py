@@ -145,6 +145,8 @@ class Grammar:
             if not choices or any(w <= 0 for w, _ in choices):
                 raise ValueError(f"symbol {symbol!r} needs at least one rule, all with positive weights")
             expansions = [tuple(rhs.split()) for _, rhs in choices]
+            if not all(expansions):
+                raise ValueError(f"symbol {symbol!r} has an empty rule; every rule needs at least one token")
             if len(set(expansions)) != len(expansions):
                 raise ValueError(f"symbol {symbol!r} repeats a rule, which would make the grammar ambiguous")
             total = float(sum(w for w, _ in choices))

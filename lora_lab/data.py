@@ -8,6 +8,7 @@ keeps its last 10% as a held-out validation split, so there are four splits:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -150,7 +151,8 @@ def download_corpus(name: str, *, directory: Path | None = None, url: str | None
                     f"({tmp.stat().st_size} bytes, expected {spec.size}); it was discarded. The server sent "
                     "something else (a proxy's error page?): try again or pass --corpus with a local copy"
                 )
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+    # HTTPException: the connection broke mid-body (e.g. IncompleteRead of a chunked reply).
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
         raise ConnectionError(
             f"could not download {name!r} from {source}: {error}. Check the network, or download the file "
             f"yourself and pass its path with --corpus PATH"

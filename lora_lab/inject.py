@@ -55,12 +55,22 @@ def find_target_modules(model: nn.Module, target_modules: str | Sequence[str] | 
         if not linear_names:
             raise ValueError("the model has no nn.Linear layer, so there is nothing to adapt with LoRA")
         return linear_names
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
             raise ValueError(
-                f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}"
-            )
+                f"target_modules={target_modules!r} is not a valid regex ({error}); a string is a regex over full "
+                "module names, a list holds names"
+            ) from error
+    else:
+        given = target_modules
+        try:
+            target_modules = list(target_modules)
+        except TypeError:
+            target_modules = []  # not iterable (a number, say): reported just below
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {given!r}")
     matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, target_modules)]
     not_linear = [f"{name} ({type(module).__name__})" for name, module in matched if not isinstance(module, nn.Linear)]
     if not_linear:

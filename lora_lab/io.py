@@ -17,9 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save_safetensors",
+    "json_text",
+    "safetensors_bytes",
+]
 
 
 def _umask() -> int:
@@ -59,14 +67,39 @@ def atomic_write_text(destination: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(destination, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """How lora_lab writes JSON files: indented, keys in the given order, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
 def atomic_write_json(destination: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(destination, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(destination, json_text(obj))
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, reproducible: tensors are made contiguous CPU copies, and the
+    metadata entries are sorted by key.
+
+    safetensors writes metadata in the random order of a Rust HashMap (safetensors issue #584), so
+    with two entries two saves of the same tensors would differ in their header. Sorting changes only
+    the order of entries, so the header keeps its length and padding; should safetensors ever escape
+    text differently from ``json.dumps``, the lengths differ and its own bytes are kept.
+    """
+    prepared = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    data = safetensors_save(prepared, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")  # the format: 8-byte header length, JSON header, raw data
+    header = json.loads(data[8 : 8 + size])
+    if not header.get("__metadata__"):
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    sorted_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(sorted_header) != len(data[8 : 8 + size].rstrip(b" ")):
+        return data
+    return data[:8] + sorted_header.ljust(size, b" ") + data[8 + size :]
 
 
 def atomic_save_safetensors(
     destination: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """``safetensors.torch.save_file``, atomically; tensors are made contiguous CPU copies."""
-    prepared = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    with atomic_path(destination) as tmp:
-        save_file(prepared, str(tmp), metadata=metadata)
+    """A safetensors file (:func:`safetensors_bytes`), written atomically."""
+    atomic_write_bytes(destination, safetensors_bytes(tensors, metadata))

@@ -83,7 +83,9 @@ class LoRALayer(nn.Module):
         if init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
         self.init = init
-        self.use_rslora = bool(use_rslora)
+        if not isinstance(use_rslora, bool):  # bool("no") would be True: switch rsLoRA on by accident
+            raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
+        self.use_rslora = use_rslora
         self.scaling = self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **factory))

@@ -49,10 +49,14 @@ def run(
 
     ``lora`` is the recommended (tuned) LoRA recipe, ``lora_seed`` the seed's r=4, α=1, lr 1e-3.
     With ``sweep=True`` it also runs the rank sweep and writes ``sweep.json``, ``rank_sweep.png``
-    and ``spectrum.png`` (:func:`lora_lab.analysis.analyse_run`; the companion PDF uses them).
+    and ``spectrum.png`` (:func:`lora_lab.analysis.analyse_run`; the companion PDF uses them);
+    without it, those files left in ``out`` by an earlier run are removed, since they would not
+    describe these results. A folder given as ``out`` that is a file is refused before training.
     """
-    exp = prepare(corpus, profile, device=device, cache=cache, progress=progress, **overrides)
     out = Path(out)
+    if out.exists() and not out.is_dir():  # found now, not after the training
+        raise NotADirectoryError(f"the output folder {out} is a file; pass a folder with --out (it is created)")
+    exp = prepare(corpus, profile, device=device, cache=cache, progress=progress, **overrides)
     base = pretrained_base(exp)
     models = {
         "base": base,
@@ -74,10 +78,13 @@ def run(
         "histories": {name: h.to_dict() for name, h in exp.trained.items()},
     }
     results["checks"] = quality_checks(results)
-    if sweep:
-        from .analysis import analyse_run
+    from .analysis import SWEEP_FILES, analyse_run
 
+    if sweep:
         analyse_run(exp, base, models["full"], models["lora"], out, reference=results["models"])
+    else:  # an earlier run's sweep would otherwise sit next to these results, and the PDF would quote it
+        for name in SWEEP_FILES:
+            (out / name).unlink(missing_ok=True)
     write_outputs(exp, results, out)
     return results
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ from .data import CharTokenizer, Corpus, Splits, cache_dir, load_corpus, make_sp
 from .evaluate import generate_samples, perplexity
 from .inject import apply_lora_to_model, count_parameters
 from .model import GPT, GPTConfig, load_checkpoint, save_checkpoint, select_device
-from .profiles import Profile, get_profile
+from .profiles import Profile, get_profile, with_overrides
 from .seeding import seed_everything
 from .train import TrainConfig, TrainResult, train
 
@@ -123,13 +122,12 @@ def prepare(
     **overrides,
 ) -> Experiment:
     """Load the corpus, tokenize and split it, and pick the device."""
-    if isinstance(profile, Profile):
-        prof = dataclasses.replace(profile, **overrides)
-    else:
-        prof = get_profile(profile, **overrides)
+    prof = with_overrides(profile, **overrides) if isinstance(profile, Profile) else get_profile(profile, **overrides)
+    root = Path(cache) if cache is not None else cache_dir() / "artifacts"
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"the artifact cache {root} is a file, not a folder; pass another cache folder")
     loaded = load_corpus(corpus, block_size=prof.block_size, builtin_chars=prof.builtin_chars, seed=prof.seed)
     splits = make_splits(loaded)
-    root = Path(cache) if cache is not None else cache_dir() / "artifacts"
     return Experiment(prof, loaded, splits, select_device(device), root, progress)
 
 

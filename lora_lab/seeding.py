@@ -1,8 +1,10 @@
 """The project's single seed helper.
 
-Same seed, same machine and same thread count give bit-identical runs: every random
-number in lora_lab comes either from the global generators seeded here or from an
-explicit ``torch.Generator`` built by :func:`make_generator`.
+Same seed, same machine and same thread count give bit-identical runs on the CPU: every
+random number in lora_lab comes from the global generators seeded here, from an explicit
+``torch.Generator`` (:func:`make_generator`; the exercise checks seed their own), or from
+the built-in corpus's private ``random.Random``, seeded from the corpus's own seed. On a
+GPU, ``deterministic`` asks for deterministic kernels but only warns where none exists.
 """
 
 from __future__ import annotations

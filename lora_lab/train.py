@@ -32,7 +32,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05  # linear warm-up: AdamW's first steps are noisy at full lr
     min_lr_fraction: float = 0.1  # cosine decay down to 10% of lr
     grad_clip: float = 1.0
-    eval_points: int = 10  # validation losses recorded over the run (plus one at the start)
+    eval_points: int = 10  # validate every steps // eval_points steps and after the last (plus once at the start)
     eval_max_windows: int = 64  # windows per validation estimate during training
     seed: int = 0
 
@@ -89,18 +89,45 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` (its parameters with ``requires_grad``) with AdamW on next-token
-    prediction over ``train_data``, validating ``config.eval_points`` times on ``val_data``.
+    prediction over ``train_data``, validating on ``val_data`` at the start, every
+    ``steps // config.eval_points`` steps and after the last step.
 
     ``model(x, y)`` must return ``(logits, loss)`` (as :class:`lora_lab.model.GPT` does).
-    A non-finite loss stops training with an error naming the step, and the model's
-    parameters are restored to what they were before training.
+    A non-finite loss stops training with an error naming the step. On that error, and on any
+    other (out of memory, a keyboard interrupt), the model is left as it was given: its
+    parameters restored, on its original device, in its original train/eval mode.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter (every requires_grad is False); nothing to train")
     device = torch.device(device)
+    given_device, given_mode = params[0].device, model.training
+    # Kept so that a failed run leaves the model exactly as it was given.
+    snapshot = [p.detach().clone() for p in params]
+    try:
+        return _train(model, params, train_data, val_data, config, block_size, device, desc, progress)
+    except BaseException:
+        model.to(given_device)
+        with torch.no_grad():
+            for param, saved in zip(params, snapshot):
+                param.copy_(saved)
+        model.train(given_mode)
+        raise
+
+
+def _train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    train_data: torch.Tensor,
+    val_data: torch.Tensor | None,
+    config: TrainConfig,
+    block_size: int,
+    device: torch.device,
+    desc: str,
+    progress: bool,
+) -> TrainResult:
     model.to(device)
-    # Decay matrices only (nanoGPT's convention): decaying biases, norms and embeddings gains nothing.
+    # Decay matrices only (as nanoGPT does): biases and LayerNorm gains are not decayed.
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -116,43 +143,35 @@ def train(
             loss = mean_loss(model, val_data, block_size, device=device, max_windows=config.eval_max_windows)
             result.val_loss.append((step, loss))
 
-    # Kept so that a failed run leaves the model exactly as it was given.
-    snapshot = [p.detach().clone() for p in params]
     validate(0)
     model.train()
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     start = time.perf_counter()
     batches = iterate_batches(train_data, block_size, config.batch_size, config.epochs, config.seed)
-    for step, (x, y) in enumerate(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, config)
-        _, loss = model(x.to(device), y.to(device))
-        value = loss.item()
-        if not math.isfinite(value):
-            bar.close()
-            with torch.no_grad():
-                for param, saved in zip(params, snapshot):
-                    param.copy_(saved)
-            model.eval()
-            raise FloatingPointError(
-                f"{desc}: the loss became {value} at step {step + 1} of {steps} "
-                f"(lr {optimizer.param_groups[0]['lr']:.3g}); "
-                "the learning rate is most likely too high for this model — lower it (e.g. by 3-10×) and rerun"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        result.train_loss.append(value)
-        bar.update(1)
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            result.seconds += time.perf_counter() - start
-            validate(step + 1)
-            bar.set_postfix(loss=f"{value:.3f}", val=f"{result.val_loss[-1][1]:.3f}" if result.val_loss else "-")
-            model.train()
-            start = time.perf_counter()
-    result.seconds += time.perf_counter() - start
-    bar.close()
+    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:  # closed on errors too
+        for step, (x, y) in enumerate(batches):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, steps, config)
+            _, loss = model(x.to(device), y.to(device))
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"{desc}: the loss became {value} at step {step + 1} of {steps} "
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); "
+                    "the learning rate is most likely too high for this model — lower it (e.g. by 3-10×) and rerun"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            result.train_loss.append(value)
+            bar.update(1)
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                result.seconds += time.perf_counter() - start
+                validate(step + 1)
+                bar.set_postfix(loss=f"{value:.3f}", val=f"{result.val_loss[-1][1]:.3f}" if result.val_loss else "-")
+                model.train()
+                start = time.perf_counter()
+        result.seconds += time.perf_counter() - start
     model.eval()
     return result

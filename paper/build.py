@@ -19,14 +19,17 @@ only the snapshot's ``bench.json``); ``--no-bench`` builds without benchmark fig
 text then says how to produce them. Without ``--run-dir`` or ``--bench`` the snapshot is only read.
 
 Nothing is changed unless everything succeeds: the Typst sources and the data are staged in a
-temporary folder, compiled there, and the snapshot and the PDF are replaced atomically at the
-end (the PDF through :func:`lora_lab.io.atomic_path`). A failure raises :class:`BuildError`
-with what was wrong and what to do; on the command line it is printed and the exit status is 1.
+temporary folder and compiled there; only then are the snapshot and the PDF replaced, the old
+snapshot kept aside until the PDF is in place and put back if anything fails (see
+:class:`_SnapshotSwap`; the PDF goes through :func:`lora_lab.io.atomic_path`). A failure raises
+:class:`BuildError` with what was wrong and what to do; on the command line it is printed and
+the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -332,9 +335,15 @@ def _collect(folder: Path, what: str) -> dict[str, Path]:
     for name in FIGURES:
         path = folder / name
         if path.is_file():
-            with path.open("rb") as handle:
-                if handle.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
-                    raise BuildError(f"{path} is not a PNG image; rerun `lora-lab run` to redraw it")
+            try:
+                with path.open("rb") as handle:
+                    signature = handle.read(len(PNG_SIGNATURE))
+            except OSError as error:
+                raise BuildError(
+                    f"cannot read {path}: {error}. Nothing was changed; make the file readable, or {RUN_REMEDY}"
+                ) from error
+            if signature != PNG_SIGNATURE:
+                raise BuildError(f"{path} is not a PNG image; rerun `lora-lab run` to redraw it")
             files[name] = path
     return files
 
@@ -377,7 +386,15 @@ def _stage(files: dict[str, Path], stage: Path) -> None:
 
 
 def _compile(stage: Path, date: str) -> bytes:
-    import typst  # imported here so that --help and the checks work without the compiler
+    # Imported here so that --help and the checks work without the compiler.
+    try:
+        import typst
+    except ImportError as error:
+        raise BuildError(
+            f"the Typst compiler (the Python package `typst`) cannot be imported: {error}. Nothing was changed; "
+            "install the project's dependencies (`make setup`, or `pip install -e .` in the project's "
+            "environment) and build again with that environment's Python (`.venv/bin/python paper/build.py`)"
+        ) from error
 
     try:
         # Only the fonts embedded in Typst, so the PDF looks the same on every machine.
@@ -406,29 +423,72 @@ def _sibling_folder(data_dir: Path, role: str) -> Path:
     return folder
 
 
-def _replace_snapshot(files: dict[str, Path], data_dir: Path) -> None:
-    """Replace ``data_dir`` by a folder holding exactly ``files`` (plus a README), atomically
-    enough that a failure leaves either the old or the new snapshot in place."""
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    fresh = _sibling_folder(data_dir, "new")
-    old = None
-    try:
-        for name, path in files.items():
-            shutil.copy2(path, fresh / name)
-        (fresh / "README.md").write_text(SNAPSHOT_README, encoding="utf-8")
-        if data_dir.exists():
-            old = _sibling_folder(data_dir, "old")
-            os.replace(data_dir, old / data_dir.name)
+class _SnapshotSwap:
+    """Replaces the snapshot folder ``data_dir`` by one holding exactly ``files`` (plus a README)
+    in steps that can be undone, so that the PDF can still be moved into place while the old
+    snapshot can be put back.
+
+    Entering copies the new files into a hidden folder next to ``data_dir`` (nothing visible
+    changes); :meth:`swap` moves the old folder aside and the new one in; leaving deletes the old
+    folder or, when the block failed, puts it back. Folders are moved with ``os.replace``, a
+    rename within one filesystem, so the old snapshot is never half deleted or half copied.
+    """
+
+    def __init__(self, files: dict[str, Path], data_dir: Path) -> None:
+        self.files, self.data_dir = files, data_dir
+        self.fresh: Path | None = None  # the new snapshot until swap() moves it in
+        self.aside: Path | None = None  # the hidden folder that receives the old snapshot
+        self.old: Path | None = None  # where the old snapshot lies once swap() has moved it
+        self.swapped = False
+
+    def __enter__(self) -> _SnapshotSwap:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.fresh = _sibling_folder(self.data_dir, "new")
         try:
-            os.replace(fresh, data_dir)
-        except OSError:
-            if old is not None:
-                os.replace(old / data_dir.name, data_dir)
+            for name, path in self.files.items():
+                shutil.copy2(path, self.fresh / name)
+            (self.fresh / "README.md").write_text(SNAPSHOT_README, encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(self.fresh, ignore_errors=True)
             raise
-    finally:
-        shutil.rmtree(fresh, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return self
+
+    def swap(self) -> None:
+        if self.data_dir.exists():
+            self.aside = _sibling_folder(self.data_dir, "old")
+            os.replace(self.data_dir, self.aside / self.data_dir.name)
+            self.old = self.aside / self.data_dir.name
+        os.replace(self.fresh, self.data_dir)
+        self.swapped = True
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if error is not None:
+                self._restore(error)
+        finally:
+            shutil.rmtree(self.fresh, ignore_errors=True)
+            if self.aside is not None:
+                shutil.rmtree(self.aside, ignore_errors=True)
+
+    def _restore(self, error: BaseException) -> None:
+        try:
+            if self.swapped:
+                # The new snapshot goes back where it was prepared, freeing data_dir for the old one.
+                os.replace(self.data_dir, self.fresh)
+                self.swapped = False
+            if self.old is not None:
+                os.replace(self.old, self.data_dir)
+                self.old = None
+        except OSError as restore_error:
+            if self.old is not None:
+                self.aside = None  # never delete what may be the only copy of the old snapshot
+                what_to_do = f"the previous snapshot is kept in {self.old}: put it back as {self.data_dir}"
+            else:
+                what_to_do = f"there was no snapshot before: delete {self.data_dir}"
+            raise BuildError(
+                f"the build failed ({error}) and the previous results snapshot could not be put back "
+                f"({restore_error}); {what_to_do}, then build again"
+            ) from restore_error
 
 
 def _pick_bench(bench: str | os.PathLike | None, from_run: bool, data_dir: Path) -> Path | None:
@@ -487,20 +547,35 @@ def build(
         raise BuildError(f"cannot write {out}: the folder {out.parent} does not exist")
     if out.is_dir():
         raise BuildError(f"cannot write the PDF to {out}: it is a folder; give --out a file name")
-    with tempfile.TemporaryDirectory(prefix="lora-lab-paper-") as tmp:
-        stage = Path(tmp) / "paper"
-        stage.mkdir()
-        _stage(files, stage)
-        pdf = _compile(stage, date or _default_date())
     try:
-        # The PDF goes to a temporary file next to `out` and is moved into place only after the
-        # snapshot has been replaced: if that fails, neither changes.
-        with atomic_path(out) as partial:
+        with tempfile.TemporaryDirectory(prefix="lora-lab-paper-") as tmp:
+            stage = Path(tmp) / "paper"
+            stage.mkdir()
+            _stage(files, stage)
+            pdf = _compile(stage, date or _default_date())
+    except OSError as error:  # e.g. a file of the run that cannot be read, or a full temporary folder
+        raise BuildError(
+            f"could not copy the paper's sources and data into a temporary folder to compile them: {error}. "
+            f"Nothing was changed; check that the file named can be read and that {tempfile.gettempdir()} "
+            "is writable and has room, then build again."
+        ) from error
+    # Order of the last steps, so that a failure anywhere leaves the snapshot and the PDF as they
+    # were: the new snapshot is copied next to the old one and the PDF written to a temporary
+    # file next to `out` (nothing visible changes yet); then the snapshot folders are swapped,
+    # the old one kept aside; then the PDF is moved into place (leaving atomic_path). If that
+    # move fails, the swap is undone; only once the PDF is in place is the old snapshot deleted.
+    snapshot = _SnapshotSwap(files, data_dir) if new_snapshot else contextlib.nullcontext()
+    try:
+        with snapshot, atomic_path(out) as partial:
             partial.write_bytes(pdf)
             if new_snapshot:
-                _replace_snapshot(files, data_dir)
+                snapshot.swap()
     except OSError as error:
-        raise BuildError(f"could not write the results snapshot or the PDF: {error}") from error
+        written = f"the results snapshot {data_dir} or the PDF {out}" if new_snapshot else f"the PDF {out}"
+        raise BuildError(
+            f"could not write {written}: {error}. Nothing was changed; check that the folder is writable "
+            "and the disk has room, then build again."
+        ) from error
     return out
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import lora_lab.adapters
+import lora_lab.io
 from lora_lab.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, load_adapter, save_adapter
 from lora_lab.inject import apply_lora_to_model, lora_modules
 from lora_lab.layers import LoRALinear
@@ -39,6 +43,8 @@ CASES = {
     "qv-r4-a8-rslora": (4, 8, True, ["q", "v"]),
     "subset-r2-a5": (2, 5, False, ["attn.o", "mlp.up", "lm_head"]),
 }
+# The safetensors metadata key under which save_adapter records the settings the weights were saved with.
+SETTINGS_KEY = "lora_lab.adapter_config"
 # Float32: PEFT computes B(A(x))·s, lora_lab (x Aᵀ·s) Bᵀ. The two orders round differently, by up
 # to ~1e-6 on logits of size ~1 (measured), while the adapters change the logits by more than 0.1.
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -299,7 +305,7 @@ def test_saved_files_follow_peft_format(tmp_path: Path) -> None:
     assert LoraConfig.from_pretrained(tmp_path / "adapter").target_modules == set(names)
 
     with safe_open(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME, framework="pt") as handle:
-        assert handle.metadata() == {"format": "pt"}
+        metadata = handle.metadata()
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     layers = lora_modules(model)
     assert shapes == {
@@ -309,6 +315,36 @@ def test_saved_files_follow_peft_format(tmp_path: Path) -> None:
         for name in names
         for factor in "AB"
     }
+    assert metadata.keys() == {"format", SETTINGS_KEY}
+    assert json.loads(metadata[SETTINGS_KEY]) == {
+        "r": 2, "lora_alpha": 5, "use_rslora": False, "target_modules": names, "rank_pattern": {}, "alpha_pattern": {},
+    }  # fmt: skip
+
+
+def test_saved_files_keep_their_byte_format(tmp_path: Path) -> None:
+    """The weights keep PEFT's "format": "pt" entry, and the config is byte for byte what
+    lora_lab.io.atomic_write_json writes (save_adapter writes it through its own temporary file)."""
+    save_adapter(
+        lora_lab_model(make_base("tiny"), "qv-r4-a8-rslora"), tmp_path / "adapter", base_model_name_or_path="é"
+    )
+    with safe_open(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME, framework="pt") as handle:
+        assert handle.metadata()["format"] == "pt"
+    written = (tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_bytes()
+    lora_lab.io.atomic_write_json(tmp_path / "reference.json", json.loads(written))
+    assert written == (tmp_path / "reference.json").read_bytes()
+
+
+def test_saving_is_reproducible(tmp_path: Path) -> None:
+    """safetensors writes metadata entries in random order (its issue #584); save_adapter sorts them, so
+    saving one adapter again gives the same bytes (eight saves: a random order would show by chance 1 - 2⁻⁷)."""
+    model = lora_lab_model(make_base("tiny"), "qv-r4-a8-rslora")
+    saved = set()
+    for attempt in range(8):
+        directory = save_adapter(model, tmp_path / str(attempt))
+        saved.add(tuple((directory / name).read_bytes() for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)))
+    assert len(saved) == 1
+    with safe_open(tmp_path / "0" / ADAPTER_WEIGHTS_NAME, framework="pt") as handle:
+        assert handle.metadata().keys() == {"format", SETTINGS_KEY}
 
 
 def test_lora_lab_round_trip_is_bit_exact(tmp_path: Path) -> None:
@@ -392,10 +428,30 @@ def _edit_config(**changes) -> Callable[[Path], None]:
     return edit
 
 
-def _edit_weights(edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Callable[[Path], None]:
+def _edit_weights(
+    edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> Callable[[Path], None]:
+    """Rewrite the weights, by default with PEFT's metadata only (so no settings are compared)."""
+
     def apply(directory: Path) -> None:
         path = directory / ADAPTER_WEIGHTS_NAME
-        save_file(edit(load_file(path)), path, metadata={"format": "pt"})
+        save_file(edit(load_file(path)), path, metadata=metadata or {"format": "pt"})
+
+    return apply
+
+
+def _resave_with(**changes) -> Callable[[Path], None]:
+    """Change settings in the config and, alike, in those the weights record: an adapter saved with other
+    settings, whose config load_adapter must compare with the model (a config edited alone is refused sooner)."""
+
+    def apply(directory: Path) -> None:
+        _edit_config(**changes)(directory)
+        path = directory / ADAPTER_WEIGHTS_NAME
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata()
+        settings = json.loads(metadata[SETTINGS_KEY])
+        assert changes.keys() <= settings.keys()
+        save_file(load_file(path), path, metadata={**metadata, SETTINGS_KEY: json.dumps({**settings, **changes})})
 
     return apply
 
@@ -425,11 +481,20 @@ LOAD_ERRORS: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
     "PiSSA init": (_edit_config(init_lora_weights="pissa_niter_4"), ValueError, "rewrites the base weights"),
     "DoRA": (_edit_config(use_dora=True), ValueError, "PEFT features lora_lab does not implement.*use_dora=True"),
     "layer replication": (_edit_config(layer_replication=[[0, 2]]), ValueError, "layer_replication"),
-    "rank differs": (_edit_config(r=8), ValueError, r"r=8, lora_alpha=8.*rank=4, alpha=8.*\(base, rank=8, alpha=8"),
-    "alpha differs": (_edit_config(lora_alpha=16), ValueError, r"lora_alpha=16,.*alpha=8,.*alpha=16, use_rslora=False"),
-    "rslora differs": (_edit_config(use_rslora=True), ValueError, r"use_rslora=True for blocks\.0\.attn\.q.*=False;"),
-    "rank_pattern differs": (_edit_config(rank_pattern={"v": 2}), ValueError, r"r=2, .* for blocks\.0\.attn\.v"),
-    "alpha_pattern differs": (_edit_config(alpha_pattern={"1.attn.q": 4}), ValueError, r"=4, .* blocks\.1\.attn\.q"),
+    "rank differs": (_resave_with(r=8), ValueError, r"r=8, lora_alpha=8.*rank=4, alpha=8.*\(base, rank=8, alpha=8"),
+    "alpha differs": (_resave_with(lora_alpha=16), ValueError, r"lora_alpha=16,.*alpha=8,.*alpha=16, use_rslora=False"),
+    "rslora differs": (_resave_with(use_rslora=True), ValueError, r"use_rslora=True for blocks\.0\.attn\.q.*=False;"),
+    "rank_pattern differs": (_resave_with(rank_pattern={"v": 2}), ValueError, r"r=2, .* for blocks\.0\.attn\.v"),
+    "alpha_pattern differs": (_resave_with(alpha_pattern={"1.attn.q": 4}), ValueError, r"=4, .* blocks\.1\.attn\.q"),
+    "r edited in config only": (
+        _edit_config(r=8), ValueError,
+        r"come from different saves \(r=8 in adapter_config\.json but 4 in adapter_model\.safetensors\)",
+    ),
+    "lora_alpha edited in config only": (_edit_config(lora_alpha=16), ValueError, "lora_alpha=16 in adapter_conf"),
+    "settings metadata not JSON": (
+        _edit_weights(lambda w: w, metadata={"format": "pt", SETTINGS_KEY: "{"}), ValueError,
+        "'lora_lab.adapter_config' metadata is not a JSON object",
+    ),
     "truncated weights": (_write(ADAPTER_WEIGHTS_NAME, lambda b: b[:-9]), ValueError, "truncated or corrupt"),
     "garbage weights": (_write(ADAPTER_WEIGHTS_NAME, b"\x00" * 64), ValueError, "truncated or corrupt"),
     "foreign tensor": (
@@ -517,3 +582,122 @@ def test_load_adapter_refuses_merged_layers(adapter_and_target: tuple[Path, nn.M
     with pytest.raises(RuntimeError, match=r"\['blocks\.1\.attn\.q'\] are merged; call unmerge\(\)"):
         load_adapter(model, directory)
     assert_unchanged(model, before)
+
+
+def test_hand_edited_description_fields_still_load(adapter_and_target: tuple[Path, nn.Module]) -> None:
+    """Only the settings that say what the weights mean are compared with those the weights record."""
+    directory, model = adapter_and_target
+    targets = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())["target_modules"]
+    _edit_config(base_model_name_or_path="my/base-model", revision="v2", target_modules=targets[::-1])(directory)
+    load_adapter(model, directory)
+    source = _qv_model(make_base("tiny"), seed=6)
+    for name, param in source.named_parameters():
+        assert torch.equal(param, model.get_parameter(name)), name
+
+
+# --- an interrupted save ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interruption", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_save_failing_while_writing_leaves_old_files(
+    interruption: BaseException, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank-4 save over a rank-2 adapter fails while writing its config: both old files stay byte-identical
+    (no temporary file is left either) and the old adapter still loads."""
+    base = make_base("tiny")
+    old = lora_lab_model(base, "subset-r2-a5")
+    save_adapter(old, tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def failing_config(obj: object) -> str:  # the new weights are already in their temporary file
+        raise interruption
+
+    monkeypatch.setattr(lora_lab.adapters, "json_text", failing_config)
+    with pytest.raises(type(interruption)):
+        save_adapter(lora_lab_model(base, "all-r4-a8"), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+    target = lora_lab_model(base, "subset-r2-a5", seed=9)
+    load_adapter(target, tmp_path)
+    for name, param in old.named_parameters():
+        assert torch.equal(param, target.get_parameter(name)), name
+
+
+def _mixed_pair(tmp_path: Path, base: nn.Module) -> Path:
+    """Weights from a rank-4 save next to the config of a rank-2 save, copied between two save folders."""
+    save_adapter(lora_lab_model(base, "subset-r2-a5"), tmp_path / "r2")
+    save_adapter(lora_lab_model(base, "all-r4-a8"), tmp_path / "r4")
+    shutil.copyfile(tmp_path / "r4" / ADAPTER_WEIGHTS_NAME, tmp_path / "r2" / ADAPTER_WEIGHTS_NAME)
+    return tmp_path / "r2"
+
+
+DIFFERENT_SAVES = (
+    r"adapter_config\.json and adapter_model\.safetensors in .* come from different saves \(.*"
+    r"r=2 in adapter_config\.json but 4 in adapter_model\.safetensors.*\), probably because a save_adapter was "
+    r"interrupted; save the adapter again"
+)
+
+
+@pytest.mark.parametrize("case", ["subset-r2-a5", "all-r4-a8"])
+def test_weights_and_config_from_different_saves_are_refused(case: str, tmp_path: Path) -> None:
+    """Whichever save the model was prepared for, the mixed pair is refused as such (not as a shape
+    mismatch that blames the model), and the model is left as it was."""
+    base = make_base("tiny")
+    directory = _mixed_pair(tmp_path, base)
+    model = lora_lab_model(base, case, seed=3)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=DIFFERENT_SAVES):
+        load_adapter(model, directory)
+    assert_unchanged(model, before)
+
+
+def test_save_interrupted_between_the_two_moves_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after the weights were moved into place but before the config was: the weights go first, so
+    the folder holds new weights (which record their settings) and the old config, and loading refuses it."""
+    base = make_base("tiny")
+    save_adapter(lora_lab_model(base, "subset-r2-a5"), tmp_path)
+    old_config = (tmp_path / ADAPTER_CONFIG_NAME).read_bytes()
+    replace = os.replace
+
+    def interrupted_replace(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+        if Path(destination).name == ADAPTER_CONFIG_NAME:
+            raise KeyboardInterrupt
+        replace(source, destination)
+
+    monkeypatch.setattr(lora_lab.io.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(lora_lab_model(base, "all-r4-a8"), tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
+    assert (tmp_path / ADAPTER_CONFIG_NAME).read_bytes() == old_config
+    with safe_open(tmp_path / ADAPTER_WEIGHTS_NAME, framework="pt") as handle:
+        assert json.loads(handle.metadata()[SETTINGS_KEY])["r"] == 4
+
+    model = lora_lab_model(base, "all-r4-a8", seed=3)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=DIFFERENT_SAVES):
+        load_adapter(model, tmp_path)
+    assert_unchanged(model, before)
+
+
+# --- the model's dtype ------------------------------------------------------------------------------
+
+
+def test_adapter_overflowing_float16_is_refused_by_a_float16_model(tmp_path: Path) -> None:
+    """copy_ would cast 1e6 to inf in float16; the adapter is refused instead, and the model untouched."""
+    base = make_base("tiny")
+    source = lora_lab_model(base, "qv-r4-a8-rslora")
+    with torch.no_grad():
+        lora_modules(source)["blocks.1.attn.v"].lora.lora_B[2, 1] = 1e6
+    save_adapter(source, tmp_path)
+
+    model = lora_lab_model(base, "qv-r4-a8-rslora", seed=5).half()
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"blocks\.1\.attn\.v\.lora_B in the adapter overflows float16.* 1e\+06.* 65504"
+    ):
+        load_adapter(model, tmp_path)
+    assert_unchanged(model, before)
+
+    load_adapter(model.float(), tmp_path)  # the adapter itself is fine: float32 holds it
+    assert lora_modules(model)["blocks.1.attn.v"].lora.lora_B[2, 1] == 1e6

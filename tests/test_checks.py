@@ -232,12 +232,21 @@ def test_lora_layer_reports_a_bad_constructor(capsys) -> None:
     )
 
 
-def test_checks_leave_the_global_rng_alone(capsys) -> None:
+@pytest.mark.parametrize(
+    "run_check",
+    [
+        lambda: check_lora_layer(GoodLoRALayer),
+        lambda: check_lora_linear(GoodLoRALinear),
+        lambda: check_truncated_svd(good_truncated_svd),
+        lambda: check_model_lora_count(good_count),  # adapts models: fresh A matrices draw random numbers
+    ],
+    ids=["lora_layer", "lora_linear", "truncated_svd", "model_lora_count"],
+)
+def test_checks_leave_the_global_rng_alone(run_check, capsys) -> None:
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    check_lora_layer(GoodLoRALayer)
-    check_lora_linear(GoodLoRALinear)
+    assert run_check()
     assert torch.equal(torch.rand(3), expected)
     capsys.readouterr()
 

@@ -127,6 +127,8 @@ def test_log_prob_is_the_product_of_rule_probabilities():
         ({"S": ((0, "a"),)}, "positive weights"),
         ({"T": ((1, "a"),)}, "start symbol"),
         ({"S": ((1, "a np"),), "np": ((1, "b"),)}, "UPPERCASE"),
+        ({"S": ((1, ""),)}, "'S' has an empty rule"),
+        ({"S": ((1, "a"), (1, "  "))}, "'S' has an empty rule"),
     ],
 )
 def test_malformed_grammars_are_refused(rules, message):

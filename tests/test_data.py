@@ -106,6 +106,12 @@ class _Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 outer.hits += 1
+                if self.path == "/broken-chunked.txt":  # a chunk announces 4096 bytes; the connection drops after 10
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"1000\r\n" + b"x" * 10)
+                    return
                 body = files.get(self.path)
                 self.send_response(200 if body is not None else 404)
                 self.end_headers()
@@ -153,6 +159,8 @@ def test_download_errors_are_clear(tmp_path: Path, tiny_named_corpus):
     server, _ = tiny_named_corpus
     with pytest.raises(ConnectionError, match="could not download 'tiny'.*--corpus PATH"):
         data.download_corpus("tiny", directory=tmp_path, url=server.url + "/missing.txt")
+    with pytest.raises(ConnectionError, match="could not download 'tiny'.*IncompleteRead.*--corpus PATH"):
+        data.download_corpus("tiny", directory=tmp_path, url=server.url + "/broken-chunked.txt")
     with pytest.raises(ValueError, match="unknown corpus 'nope'; named corpora are: tinyshakespeare"):
         data.download_corpus("nope", directory=tmp_path)
     assert list(tmp_path.iterdir()) == []

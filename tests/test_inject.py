@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -264,10 +265,18 @@ def test_target_matching_a_non_linear_is_refused(model: TinyLM, target_modules: 
     _assert_unchanged(model, snapshot)
 
 
-@pytest.mark.parametrize("target_modules", [[], [""], ["q", 3], [None]])
+@pytest.mark.parametrize("target_modules", [[], [""], ["q", 3], [None], 5])
 def test_malformed_target_list_is_refused(model: TinyLM, target_modules) -> None:
-    with pytest.raises(ValueError, match="regex string or a non-empty list of names"):
+    message = "regex string or a non-empty list of names, got " + re.escape(repr(target_modules))
+    with pytest.raises(ValueError, match=message):
         apply_lora_to_model(model, target_modules=target_modules)
+
+
+def test_invalid_target_regex_is_refused(model: TinyLM) -> None:
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=r"target_modules='\[' is not a valid regex \(unterminated"):
+        apply_lora_to_model(model, target_modules="[")
+    _assert_unchanged(model, snapshot)
 
 
 def test_model_without_linear_is_refused() -> None:

@@ -544,14 +544,23 @@ def test_bad_features_are_refused(in_features: int, out_features: int, name: str
         LoRALayer(in_features, out_features, 4, 1.0)
 
 
-@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5, math.nan, True, "0.1"])
-def test_bad_dropout_is_refused(dropout: object) -> None:
-    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got"):
-        LoRALayer(8, 8, 4, 1.0, dropout=dropout)
+@pytest.mark.parametrize(
+    "option, value, error, message",
+    [
+        *[
+            ("dropout", v, ValueError, r"dropout must be a number in \[0, 1\), got")
+            for v in (-0.1, 1.0, 1.5, math.nan, True, "0.1")
+        ],
+        *[("use_rslora", v, TypeError, "use_rslora must be True or False, got") for v in ("no", 1, None)],
+    ],
+)
+def test_bad_dropout_or_rslora_is_refused(option: str, value: object, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        LoRALayer(8, 8, 4, 1.0, **{option: value})
     base = nn.Linear(8, 8)
-    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
-        LoRALinear(base, rank=4, dropout=dropout)
-    assert base.weight.requires_grad
+    with pytest.raises(error, match=message):
+        LoRALinear(base, rank=4, **{option: value})
+    assert base.weight.requires_grad  # the refused wrapper froze nothing
 
 
 @pytest.mark.parametrize("init", ["xavier", "Kaiming", "", None])

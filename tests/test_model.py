@@ -352,6 +352,18 @@ def test_checkpoint_round_trip_is_bit_exact(model, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temporary file left behind
 
 
+def test_checkpoint_bytes_are_reproducible(model, tmp_path):
+    """safetensors orders metadata entries at random (a Rust HashMap); lora_lab sorts them, so the same
+    model saves to the same bytes. Eight saves: a random order of four entries would show almost surely."""
+    extra = {"tokenizer": '{"type": "char"}', "step": "10"}
+    saved = set()
+    for attempt in range(8):
+        save_checkpoint(model, tmp_path / f"{attempt}.safetensors", extra_metadata=extra)
+        saved.add((tmp_path / f"{attempt}.safetensors").read_bytes())
+    assert len(saved) == 1
+    assert read_checkpoint_metadata(tmp_path / "0.safetensors").keys() == {"format", CONFIG_METADATA_KEY, *extra}
+
+
 def test_save_checkpoint_refusals_leave_the_file_unchanged(model, tmp_path):
     path = tmp_path / "model.safetensors"
     save_checkpoint(model, path)

@@ -9,8 +9,10 @@ results and the root comentario_LoRA.pdf are never read for a build or touched.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -401,3 +403,141 @@ def test_nan_and_broken_figures_are_rejected(tmp_path):
 def test_malformed_sweep_is_rejected(sweep, message):
     with pytest.raises(paper_build.BuildError, match=message):
         paper_build.validate_sweep(sweep)
+
+
+# --- failures outside validation: unreadable files, a missing compiler, a failing last step -----
+
+
+def _permission_denied(path) -> PermissionError:
+    return PermissionError(errno.EACCES, "Permission denied (injected by the test)", str(path))
+
+
+def _fail_replace_onto(monkeypatch, should_fail) -> None:
+    """Make os.replace(src, dst) raise PermissionError when should_fail(Path(src), Path(dst)), as a
+    full disk or a read-only folder would; every other move goes through."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if should_fail(Path(src), Path(dst)):
+            raise _permission_denied(dst)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def _run_with_new_numbers(tmp_path: Path) -> Path:
+    """A run folder whose snapshot would differ from the built one in results.json."""
+    run = _copy_fixture(tmp_path / "run")
+    results = _fixture_results()
+    results["models"]["lora"]["target_ppl"] = 1.7321
+    (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    return run
+
+
+@pytest.mark.parametrize("step", ["checking its PNG signature", "staging it for Typst"])
+def test_an_unreadable_run_file_is_a_clear_error_and_changes_nothing(built, tmp_path, monkeypatch, step):
+    data, out, before = _snapshot_and_previous_pdf(built, tmp_path)
+    run = _copy_fixture(tmp_path / "run")
+    figure = (run / "spectrum.png").resolve()  # as build() names it
+    # The tests may run as root, which chmod cannot lock out; the read fails by injection instead.
+    if step == "checking its PNG signature":
+        real_open = Path.open
+
+        def open_(self, *args, **kwargs):
+            if self == figure:
+                raise _permission_denied(self)
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", open_)
+    else:
+        real_copy2 = shutil.copy2
+
+        def copy2(src, dst, *args, **kwargs):
+            if Path(src) == figure:
+                raise _permission_denied(src)
+            return real_copy2(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(shutil, "copy2", copy2)
+
+    with pytest.raises(paper_build.BuildError) as error:
+        paper_build.build(run, data_dir=data, out=out, bench=None)
+    message = str(error.value)
+    assert str(figure) in message and "Permission denied" in message
+    assert "Nothing was changed" in message
+
+    assert _state(data) == before
+    assert out.read_bytes() == b"the previous PDF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.pdf", "run"]
+
+
+def test_a_missing_typst_package_says_to_install_the_dependencies(built, tmp_path, monkeypatch):
+    data, out, before = _snapshot_and_previous_pdf(built, tmp_path)
+    monkeypatch.setitem(sys.modules, "typst", None)  # `import typst` now raises ImportError
+
+    with pytest.raises(paper_build.BuildError, match=r"`typst`.*make setup.*pip install -e \."):
+        paper_build.build(_run_with_new_numbers(tmp_path), data_dir=data, out=out, bench=None)
+
+    assert _state(data) == before
+    assert out.read_bytes() == b"the previous PDF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.pdf", "run"]
+
+
+@pytest.mark.parametrize("failing", ["the PDF", "the snapshot"])
+def test_a_failing_last_move_leaves_snapshot_and_pdf_as_they_were(built, tmp_path, monkeypatch, failing):
+    """The snapshot is swapped just before the PDF is moved into place; if either move fails,
+    the old snapshot is put back and the old PDF stays."""
+    data, out, before = _snapshot_and_previous_pdf(built, tmp_path)
+    run = _run_with_new_numbers(tmp_path)
+    # What Typst makes of the data is not the point here, and stubbing it keeps the test quick.
+    monkeypatch.setattr(paper_build, "_compile", lambda stage, date: b"%PDF-1.7 new")
+    if failing == "the PDF":
+        _fail_replace_onto(monkeypatch, lambda src, dst: dst == out)
+    else:  # moving the new snapshot in; putting the old one back must still work
+        _fail_replace_onto(monkeypatch, lambda src, dst: dst == data and src.name.startswith(".data-new"))
+
+    with pytest.raises(paper_build.BuildError, match=r"could not write .*Permission denied.*Nothing was changed"):
+        paper_build.build(run, data_dir=data, out=out, bench=None)
+
+    assert _state(data) == before
+    assert (data / "results.json").read_bytes() == (FIXTURE / "results.json").read_bytes()
+    assert out.read_bytes() == b"the previous PDF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.pdf", "run"]  # no hidden leftovers
+
+    # The same build succeeds once the moves do, so the failure above came from the injected one.
+    monkeypatch.undo()
+    monkeypatch.setattr(paper_build, "_compile", lambda stage, date: b"%PDF-1.7 new")
+    paper_build.build(run, data_dir=data, out=out, bench=None)
+    assert out.read_bytes() == b"%PDF-1.7 new"
+    assert (data / "results.json").read_bytes() == (run / "results.json").read_bytes()
+
+
+def test_when_the_old_snapshot_cannot_be_put_back_the_error_says_where_it_is(built, tmp_path, monkeypatch):
+    data, out, _ = _snapshot_and_previous_pdf(built, tmp_path)
+    old_results = (data / "results.json").read_bytes()
+    monkeypatch.setattr(paper_build, "_compile", lambda stage, date: b"%PDF-1.7 new")
+    # The PDF's move fails, and so does moving the old snapshot back from its hidden folder.
+    _fail_replace_onto(
+        monkeypatch, lambda src, dst: dst == out or (dst == data and src.parent.name.startswith(".data-old"))
+    )
+
+    with pytest.raises(paper_build.BuildError) as error:
+        paper_build.build(_run_with_new_numbers(tmp_path), data_dir=data, out=out, bench=None)
+    message = str(error.value)
+    assert "could not be put back" in message
+    kept = Path(message.split("the previous snapshot is kept in ")[1].split(": put it back as")[0])
+    assert kept.parent.name.startswith(".data-old") and kept.parent.parent == tmp_path
+    assert (kept / "results.json").read_bytes() == old_results  # not deleted with the other leftovers
+    assert out.read_bytes() == b"the previous PDF"
+
+
+def test_the_command_line_prints_the_error_not_a_traceback(built, tmp_path, monkeypatch, capsys):
+    data, out, before = _snapshot_and_previous_pdf(built, tmp_path)
+    monkeypatch.setitem(sys.modules, "typst", None)
+
+    argv = ["--run-dir", str(FIXTURE), "--data-dir", str(data), "--out", str(out), "--no-bench"]
+    assert paper_build.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "make setup" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert _state(data) == before
+    assert out.read_bytes() == b"the previous PDF"

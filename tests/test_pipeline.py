@@ -146,6 +146,33 @@ def test_non_finite_loss_names_the_step_and_restores_the_model():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, MemoryError])
+@pytest.mark.parametrize("given_mode", [True, False])
+def test_any_failure_mid_training_restores_the_model(error, given_mode):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+
+    class FailsAtStep4(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.calls = model, 0
+
+        def forward(self, x, y):
+            self.calls += 1
+            if self.calls == 4:  # after three optimiser steps have changed the weights
+                raise error()
+            return None, self.inner(torch.nn.functional.one_hot(x % 4, 4).float()).pow(2).mean()
+
+    wrapper = FailsAtStep4().train(given_mode)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error):
+        train(wrapper, torch.arange(200), None, TrainConfig(epochs=1, lr=0.1, batch_size=2, eval_points=0),
+              block_size=4, progress=False)
+    assert wrapper.calls == 4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert wrapper.training is given_mode and model.training is given_mode
+
+
 def test_overrides_are_typed_and_validated():
     assert parse_overrides(["pretrain_epochs=2", "n_layer=3", "builtin_chars=none"]) == {
         "pretrain_epochs": 2.0,
@@ -170,6 +197,38 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path: Path, capsys):
     assert cli.main(["run", "--profile", "smoke", "--set", "lr=1", "--out", str(tmp_path / "o")]) == 2
     assert "--set expects FIELD=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_unusable_out_or_cache_is_refused_before_training(tmp_path: Path, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run with an unusable folder must fail before training")
+
+    monkeypatch.setattr(pipeline, "train", no_training)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for flag in ("--out", "--cache"):
+        args = ["run", "--profile", "smoke", "--out", str(tmp_path / "o"), flag, str(a_file), "--no-progress"]
+        assert cli.main(args) == 2
+        assert f"{a_file} is a file" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me" and not (tmp_path / "o").exists()
+
+
+def test_profile_object_overrides_are_validated_like_names():
+    with pytest.raises(ValueError, match="unknown profile field.s. bogus; fields are: "):
+        pipeline.prepare("builtin", get_profile("smoke"), progress=False, bogus=1)
+
+
+def test_a_run_without_sweep_removes_an_earlier_runs_sweep_files(smoke_run, tmp_path: Path):
+    root, _ = smoke_run
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {name: out / name for name in ("sweep.json", "rank_sweep.png", "spectrum.png")}
+    for path in stale.values():
+        path.write_text("from an earlier run with other settings")
+    (out / "notes.txt").write_text("the user's own file")
+    run("builtin", "smoke", out, cache=root / "cache", progress=False)
+    assert not any(path.exists() for path in stale.values())
+    assert (out / "notes.txt").read_text() == "the user's own file" and (out / "results.json").is_file()
 
 
 def test_real_text_run_has_no_floor_and_no_validity(tmp_path: Path):
