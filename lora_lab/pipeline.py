@@ -161,6 +161,19 @@ def _artifact_dir(exp: Experiment, stage: str, key: str):
             shutil.rmtree(work, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _reading_cached(final: Path):
+    """Turn a failure to read a cached artifact (a truncated file, say, or one edited by hand) into
+    one clear error that says how to recover: the folder is only a cache, so deleting it is safe."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise RuntimeError(
+            f"the cached artifact {final} cannot be read ({error}); delete that folder and run again: "
+            "it is rebuilt by training"
+        ) from error
+
+
 def _base_key(exp: Experiment) -> str:
     p = exp.profile
     return _key(
@@ -205,10 +218,13 @@ def pretrained_base(exp: Experiment) -> GPT:
             save_checkpoint(model, work / "model.safetensors")
             (work / "tokenizer.json").write_text(exp.tokenizer.to_json())
             (work / "history.json").write_text(json.dumps(history.to_dict()))
-    model = load_checkpoint(final / "model.safetensors", device=exp.device)
-    if CharTokenizer.from_json((final / "tokenizer.json").read_text()) != exp.tokenizer:
+    with _reading_cached(final):
+        model = load_checkpoint(final / "model.safetensors", device=exp.device)
+        tokenizer = CharTokenizer.from_json((final / "tokenizer.json").read_text())
+        history = TrainResult.from_dict(json.loads((final / "history.json").read_text()))
+    if tokenizer != exp.tokenizer:
         raise RuntimeError(f"cached base model {final} was trained with another vocabulary; delete that folder")
-    exp.trained["base"] = TrainResult.from_dict(json.loads((final / "history.json").read_text()))
+    exp.trained["base"] = history
     model.artifact_path = final / "model.safetensors"
     return model.eval()
 
@@ -242,9 +258,10 @@ def lora_finetuned(exp: Experiment, base: GPT, recipe: LoRARecipe | None = None)
             )
             save_adapter(model, work / "adapter")
             (work / "history.json").write_text(json.dumps(history.to_dict()))
-    if work is None:
-        load_adapter(model, final / "adapter")
-    exp.trained[recipe.name] = TrainResult.from_dict(json.loads((final / "history.json").read_text()))
+    with _reading_cached(final):
+        if work is None:
+            load_adapter(model, final / "adapter")
+        exp.trained[recipe.name] = TrainResult.from_dict(json.loads((final / "history.json").read_text()))
     model.artifact_path = final / "adapter" / "adapter_model.safetensors"
     return model.eval()
 
@@ -271,8 +288,9 @@ def full_finetuned(exp: Experiment, base: GPT) -> GPT:
             )
             save_checkpoint(model, work / "model.safetensors")
             (work / "history.json").write_text(json.dumps(history.to_dict()))
-    model = load_checkpoint(final / "model.safetensors", device=exp.device)
-    exp.trained["full"] = TrainResult.from_dict(json.loads((final / "history.json").read_text()))
+    with _reading_cached(final):
+        model = load_checkpoint(final / "model.safetensors", device=exp.device)
+        exp.trained["full"] = TrainResult.from_dict(json.loads((final / "history.json").read_text()))
     model.artifact_path = final / "model.safetensors"
     return model.eval()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,32 @@ def test_same_seed_gives_identical_results_and_the_cache_is_reused(smoke_run, tm
     cached = run("builtin", "smoke", tmp_path / "cached", cache=root / "cache", progress=False)
     assert _numbers(cached) == _numbers(results)
     assert cached["models"]["base"]["train_seconds"] == results["models"]["base"]["train_seconds"]
+
+
+@pytest.mark.parametrize(
+    "stage, damaged",
+    [("base", "model.safetensors"), ("lora", "adapter/adapter_model.safetensors"), ("full", "history.json")],
+)
+def test_a_damaged_cache_artifact_says_to_delete_its_folder(smoke_run, tmp_path: Path, stage, damaged):
+    root, _ = smoke_run
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache)
+    paths = sorted(cache.glob(f"{stage}-*/{damaged}"))  # LoRA: one folder per cached recipe
+    assert paths
+    for path in paths:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    damaged_bytes = {path: path.read_bytes() for path in paths}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a damaged artifact is reported, not silently retrained")
+
+    exp = pipeline.prepare("builtin", "smoke", cache=cache, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "train", no_training)
+        with pytest.raises(RuntimeError, match=rf"cached artifact .*{stage}-\w+ cannot be read .*delete that folder"):
+            base = pipeline.pretrained_base(exp)
+            pipeline.lora_finetuned(exp, base) if stage == "lora" else pipeline.full_finetuned(exp, base)
+    assert {path: path.read_bytes() for path in paths} == damaged_bytes  # reported, not deleted
 
 
 def test_a_changed_setting_never_reuses_a_stale_artifact(smoke_run, monkeypatch):
