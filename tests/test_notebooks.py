@@ -167,6 +167,9 @@ def test_each_ignored_cell_is_followed_by_a_checked_cell(path):
         assert following is not None and following.source.strip() and _is_checked(following), (
             f"{path.name} cell {index} is NBVAL_IGNORE_OUTPUT; the next code cell must check a robust fact about it"
         )
+        # A fact is stated in words: a cell that only draws a figure checks nothing a reader can see.
+        stated = [o for o in following.outputs if o.output_type == "stream" and o.name == "stdout" and o.text.strip()]
+        assert stated, f"{path.name} cell {index} is NBVAL_IGNORE_OUTPUT; the next code cell prints no fact about it"
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
