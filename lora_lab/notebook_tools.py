@@ -29,6 +29,10 @@ BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")  # nbgrader's stub for Python
 TEXT_STUB = ("YOUR ANSWER HERE",)  # nbgrader's stub for markdown answers
 CELL_TIMEOUT = 1800  # seconds per cell: the slowest training cell takes minutes on 2 cores; this only catches hangs
+# A cell that builds an interact() slider draws one figure in well under a second, but nbclient 0.11 with
+# ipywidgets 8 now and then waits for it until the cell's timeout and then goes on as if nothing had happened
+# (measured here: 1 run in 5). A short timeout bounds that wait instead of stalling `make notebooks` for 30 min.
+WIDGET_CELL_TIMEOUT = 120
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 RAISES = "raises-exception"  # the cell tag that nbclient and nbval both read as "this cell is meant to fail"
 
@@ -60,6 +64,11 @@ def _write(path: Path, nb: nbformat.NotebookNode) -> None:
     atomic_write_text(path, nbformat.writes(nb) + "\n")  # nbformat.write adds the same final newline
 
 
+def _cell_timeout(cell: nbformat.NotebookNode, timeout: int) -> int:
+    """The seconds ``cell`` may run: ``timeout``, or less for a cell that only builds a slider."""
+    return min(timeout, WIDGET_CELL_TIMEOUT) if "interact(" in cell.source else timeout
+
+
 def _is_marked_to_raise(cell: nbformat.NotebookNode) -> bool:
     lines = (line.strip() for line in cell.source.splitlines())
     return any(line.startswith("#") and line.lstrip("#").strip() == "NBVAL_RAISES_EXCEPTION" for line in lines)
@@ -81,6 +90,7 @@ def execute_notebook(path: str | Path, *, timeout: int = CELL_TIMEOUT) -> None:
     client = NotebookClient(
         nb,
         timeout=timeout,
+        timeout_func=lambda cell: _cell_timeout(cell, timeout),
         kernel_name="python3",
         record_timing=False,
         # True, although the state is stripped afterwards: with False, nbclient 0.11 fails with a KeyError

@@ -17,6 +17,7 @@ from nbclient.exceptions import CellExecutionError
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from nbval.plugin import find_comment_markers, find_metadata_tags
 
+from lora_lab import notebook_tools
 from lora_lab.notebook_tools import (
     BEGIN_HIDDEN,
     BEGIN_SOLUTION,
@@ -373,3 +374,16 @@ def test_failed_execution_leaves_the_notebook_unchanged_and_names_the_cell(tmp_p
         execute_notebook(tmp_path / "n.ipynb")
     assert (tmp_path / "n.ipynb").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["n.ipynb"]  # no temporary file left behind
+
+
+def test_a_slider_cell_gets_the_short_timeout(tmp_path, monkeypatch):
+    """A cell building an interact() slider may run WIDGET_CELL_TIMEOUT seconds (nbclient sometimes waits
+    for one until its timeout); other cells keep the long one. Shown with a 1-second limit and a cell
+    that names interact( but sleeps for 5."""
+    monkeypatch.setattr(notebook_tools, "WIDGET_CELL_TIMEOUT", 1)
+    cells = [new_code_cell("import time\ntime.sleep(1.5)"), new_code_cell("# interact(\ntime.sleep(5)")]
+    nb = new_notebook(cells=cells)
+    nbformat.write(nb, tmp_path / "n.ipynb")
+    message = r"n\.ipynb: cell 1 \('# interact\('\) failed: CellTimeoutError.* after 1 seconds"
+    with pytest.raises(RuntimeError, match=message):
+        execute_notebook(tmp_path / "n.ipynb", timeout=30)
