@@ -800,21 +800,15 @@ def check_model_lora_count(fn: Callable[[nn.Module, int], int]) -> CheckResult:
     ``nn.Linear`` layers. Compared with lora_lab's count on a nested MLP and a small GPT; counting
     every parameter, full ``in·out`` matrices, biases, or only the top-level children is named,
     and so is changing the model."""
-    result = CheckResult(f"check_model_lora_count({getattr(fn, '__name__', 'fn')})")
-    # Inside the private generator: the models, the student's fn and apply_lora_to_model's fresh
-    # adapters all draw random numbers, and none of them may move the notebook's own.
-    with _private_rng():
-        _check_lora_counts(result, fn, _lora_count_models())
-    print(result.report())
-    return result
+    return _run_check(f"check_model_lora_count({getattr(fn, '__name__', 'fn')})", _check_lora_counts, fn)
 
 
-def _check_lora_counts(
-    result: CheckResult, fn: Callable[[nn.Module, int], int], models: list[tuple[str, nn.Module]]
-) -> None:
+def _check_lora_counts(result: CheckResult, fn: Callable[[nn.Module, int], int], _generator) -> None:
+    # No tensors of its own: the models, the student's fn and apply_lora_to_model's fresh adapters
+    # draw from the global generator, which _run_check seeds and restores.
     from .inject import apply_lora_to_model, count_parameters, lora_modules
 
-    for label, model in models:
+    for label, model in _lora_count_models():
         flags = [p.requires_grad for p in model.parameters()]
         state = {k: v.clone() for k, v in model.state_dict().items()}
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -64,13 +64,12 @@ def find_target_modules(model: nn.Module, target_modules: str | Sequence[str] | 
                 "module names, a list holds names"
             ) from error
     else:
-        given = target_modules
-        try:
-            target_modules = list(target_modules)
-        except TypeError:
-            target_modules = []  # not iterable (a number, say): reported just below
-        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
-            raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {given!r}")
+        names = list(target_modules) if isinstance(target_modules, Iterable) else []
+        if not names or not all(isinstance(t, str) and t for t in names):
+            raise ValueError(
+                f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}"
+            )
+        target_modules = names
     matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, target_modules)]
     not_linear = [f"{name} ({type(module).__name__})" for name, module in matched if not isinstance(module, nn.Linear)]
     if not_linear:

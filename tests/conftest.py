@@ -9,6 +9,25 @@ are separate processes and keep PyTorch's default.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 import torch
 
+from lora_lab import pipeline
+
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def forbid_training(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``forbid_training(why)``: from then on, any call of lora_lab's training loop fails the test
+    with ``why`` (the code under test must reuse a cached artifact, or fail before training)."""
+
+    def forbid(why: str) -> None:
+        def no_training(*args, **kwargs):
+            raise AssertionError(why)
+
+        monkeypatch.setattr(pipeline, "train", no_training)
+
+    return forbid

@@ -238,15 +238,12 @@ def test_rank_sweep_gives_one_entry_per_rank_with_the_lora_parameter_count(smoke
     assert table.count("\n") == 1 + len(runs) and "| 4 |" in table
 
 
-def test_alpha_and_target_sweeps_reuse_equal_settings_from_the_cache(smoke, monkeypatch):
+def test_alpha_and_target_sweeps_reuse_equal_settings_from_the_cache(smoke, monkeypatch, forbid_training):
     exp, base = smoke
     tuned = exp.tuned_recipe()
     analysis.rank_sweep(exp, base, ranks=(tuned.rank,), source=False)  # trains the tuned settings once
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("these settings were trained already; the cached artifact should be reused")
-
-    monkeypatch.setattr(pipeline, "train", no_training)
+    forbid_training("these settings were trained already; the cached artifact should be reused")
     again = analysis.alpha_sweep(exp, base, alphas=(tuned.alpha,), source=False)
     assert again[0]["rank"] == tuned.rank and again[0]["name"] == f"sweep_alpha{tuned.alpha:g}"
     monkeypatch.undo()
@@ -263,14 +260,11 @@ def test_alpha_and_target_sweeps_reuse_equal_settings_from_the_cache(smoke, monk
     assert groups[0]["target_modules"] == ["q", "k", "v", "o"]
 
 
-def test_sweeps_reject_bad_settings_before_training(smoke, monkeypatch):
+def test_sweeps_reject_bad_settings_before_training(smoke, forbid_training):
     exp, base = smoke
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a sweep with a bad setting must fail before training anything")
-
     # Ranks and alphas no other test trains, so no cached run can hide a training call.
-    monkeypatch.setattr(pipeline, "train", no_training)
+    forbid_training("a sweep with a bad setting must fail before training anything")
     with pytest.raises(ValueError, match="only once"):
         analysis.rank_sweep(exp, base, ranks=(7, 7))
     with pytest.raises(ValueError, match="rank must be a positive int"):

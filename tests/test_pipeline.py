@@ -70,15 +70,12 @@ def test_lora_trainable_count_is_rank_times_in_plus_out(smoke_run):
     assert results["models"]["lora"]["trainable_params"] == p.tuned_rank * (layers * per_block + lm_head)
 
 
-def test_same_seed_gives_identical_results_and_the_cache_is_reused(smoke_run, tmp_path: Path, monkeypatch):
+def test_same_seed_gives_identical_results_and_the_cache_is_reused(smoke_run, tmp_path: Path, forbid_training):
     root, results = smoke_run
     again = run("builtin", "smoke", tmp_path / "fresh", cache=tmp_path / "cache", progress=False)
     assert _numbers(again) == _numbers(results)  # retrained from scratch in a new cache: bit-identical
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a cached artifact should have been reused")
-
-    monkeypatch.setattr(pipeline, "train", no_training)
+    forbid_training("a cached artifact should have been reused")
     cached = run("builtin", "smoke", tmp_path / "cached", cache=root / "cache", progress=False)
     assert _numbers(cached) == _numbers(results)
     assert cached["models"]["base"]["train_seconds"] == results["models"]["base"]["train_seconds"]
@@ -88,7 +85,7 @@ def test_same_seed_gives_identical_results_and_the_cache_is_reused(smoke_run, tm
     "stage, damaged",
     [("base", "model.safetensors"), ("lora", "adapter/adapter_model.safetensors"), ("full", "history.json")],
 )
-def test_a_damaged_cache_artifact_says_to_delete_its_folder(smoke_run, tmp_path: Path, stage, damaged):
+def test_a_damaged_cache_artifact_says_to_delete_its_folder(smoke_run, tmp_path: Path, forbid_training, stage, damaged):
     root, _ = smoke_run
     cache = tmp_path / "cache"
     shutil.copytree(root / "cache", cache)
@@ -98,15 +95,11 @@ def test_a_damaged_cache_artifact_says_to_delete_its_folder(smoke_run, tmp_path:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
     damaged_bytes = {path: path.read_bytes() for path in paths}
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a damaged artifact is reported, not silently retrained")
-
     exp = pipeline.prepare("builtin", "smoke", cache=cache, progress=False)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "train", no_training)
-        with pytest.raises(RuntimeError, match=rf"cached artifact .*{stage}-\w+ cannot be read .*delete that folder"):
-            base = pipeline.pretrained_base(exp)
-            pipeline.lora_finetuned(exp, base) if stage == "lora" else pipeline.full_finetuned(exp, base)
+    forbid_training("a damaged artifact is reported, not silently retrained")
+    with pytest.raises(RuntimeError, match=rf"cached artifact .*{stage}-\w+ cannot be read .*delete that folder"):
+        base = pipeline.pretrained_base(exp)
+        pipeline.lora_finetuned(exp, base) if stage == "lora" else pipeline.full_finetuned(exp, base)
     assert {path: path.read_bytes() for path in paths} == damaged_bytes  # reported, not deleted
 
 
@@ -226,11 +219,8 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path: Path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_unusable_out_or_cache_is_refused_before_training(tmp_path: Path, capsys, monkeypatch):
-    def no_training(*args, **kwargs):
-        raise AssertionError("a run with an unusable folder must fail before training")
-
-    monkeypatch.setattr(pipeline, "train", no_training)
+def test_unusable_out_or_cache_is_refused_before_training(tmp_path: Path, capsys, forbid_training):
+    forbid_training("a run with an unusable folder must fail before training")
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     for flag in ("--out", "--cache"):
