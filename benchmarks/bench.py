@@ -22,12 +22,12 @@ Rows, each with its goal:
     training (variants.py's ``frozen``), the cheapest step any adapter on those layers can have;
     "LoRA / floor" is then what the rank-r adapters themselves cost;
   * lora_lab's step / Hugging Face PEFT's step, same targets and rank (goal ≤ 0.80), plus
-    loralib, the plain readable path and the seed's layer as contrasts (no goal);
+    loralib, the plain readable path and the course's layer as contrasts (no goal);
   * inference, no_grad and eval: unmerged LoRA forward / base forward (goal ≤ 1.05), and the
     ``merge_lora`` copy / base (goal 1.00, within ±0.03 of noise);
   * generation, 256 new tokens: recomputing the context / using the KV cache (goal ≥ 3×);
   * peak resident memory (RSS high-water mark, each run in a fresh process) of a LoRA
-    training step / a full fine-tuning step on the "seed" profile's model at its batch size
+    training step / a full fine-tuning step on the "course" profile's model at its batch size
     (goal ≤ 0.75), the same for the frozen floor, and, as a contrast, LoRA at a small batch
     where activations weigh less.
 """
@@ -40,7 +40,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -59,15 +58,17 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing l
 from variants import TARGETS, build_variant  # noqa: E402
 
 from lora_lab import apply_lora_to_model, merge_lora  # noqa: E402
+from lora_lab.experiment.config import PROFILES  # noqa: E402
 from lora_lab.model import GPT, GPTConfig  # noqa: E402
+from lora_lab.runtime import machine_facts  # noqa: E402
 from lora_lab.seeding import make_generator, seed_everything  # noqa: E402
 
 DEFAULT_JSON = HERE / "results" / "latest.json"
 # A character-level vocabulary (tiny-shakespeare's has 65 symbols). It only sizes the
 # embedding and lm_head, about 1% of a step at these widths.
 VOCAB_SIZE = 65
-RANK, ALPHA = 4, 1.0  # the seed's LoRA recipe
-LR = 1e-3  # the seed's LoRA learning rate; the same for every contender (it does not change the cost)
+RANK, ALPHA = 4, 1.0  # the course's LoRA recipe
+LR = 1e-3  # the course's LoRA learning rate; the same for every contender (it does not change the cost)
 
 
 # --------------------------------------------------------------------------- settings
@@ -94,33 +95,24 @@ class ModelSetting:
         return text + (f" [{self.note}]" if self.note else "")
 
 
-def _profile_setting(name: str, fallback: dict, fallback_batch: int) -> ModelSetting:
-    """The model of ``lora_lab.profiles.PROFILES[name]``, or ``fallback`` (flagged) without it."""
-    try:
-        from lora_lab.profiles import PROFILES
-
-        p = PROFILES[name]
-        config = GPTConfig(vocab_size=VOCAB_SIZE, block_size=p.block_size, n_layer=p.n_layer, n_head=p.n_head,
-                           n_embd=p.n_embd, dropout=0.0)
-        return ModelSetting(f"{name} profile", config, p.batch_size)
-    except (ImportError, KeyError, AttributeError):
-        config = GPTConfig(vocab_size=VOCAB_SIZE, dropout=0.0, **fallback)
-        return ModelSetting(f"{name} profile", config, fallback_batch,
-                            note=f"lora_lab.profiles has no {name!r} profile: a stand-in config")
+def _profile_setting(name: str) -> ModelSetting:
+    """The model of ``lora_lab.experiment.config.PROFILES[name]`` at that profile's batch size."""
+    p = PROFILES[name]
+    return ModelSetting(f"{name} profile", p.model.gpt_config(VOCAB_SIZE), p.batch_size)
 
 
 def full_settings() -> dict[str, ModelSetting]:
     return {
-        "cpu": _profile_setting("cpu", dict(block_size=128, n_layer=4, n_head=4, n_embd=128), 32),
+        "cpu": _profile_setting("cpu"),
         "7m": ModelSetting("7.2M GPT", GPTConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=4, n_head=6,
                                                   n_embd=384, dropout=0.0), 32),
-        "seed": _profile_setting("seed", dict(block_size=256, n_layer=4, n_head=6, n_embd=384), 64),
+        "course": _profile_setting("course"),
     }
 
 
 def quick_settings() -> dict[str, ModelSetting]:
     tiny = GPTConfig(vocab_size=VOCAB_SIZE, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
-    return {key: ModelSetting(f"{key} (quick: tiny)", tiny, 2) for key in ("cpu", "7m", "seed")}
+    return {key: ModelSetting(f"{key} (quick: tiny)", tiny, 2) for key in ("cpu", "7m", "course")}
 
 
 @dataclass(frozen=True)
@@ -148,22 +140,8 @@ def run_settings(quick: bool, rounds: int | None) -> RunSettings:
 
 
 def machine_description(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": _load_average(),
-    }
+    """lora_lab's machine facts for the threads the benchmarks run with, and the load at the start."""
+    return {**machine_facts(), "torch_threads": threads, "load_average_at_start": _load_average()}
 
 
 def _load_average() -> list[float] | None:
@@ -322,7 +300,7 @@ def bench_training(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm 
     goal_race = race(contenders(("full", "lora_lab", "peft", "frozen")), run.rounds, run.warmup, bar,
                      run.round_seconds)
     contrast_rounds = max(1, (run.rounds + 1) // 2)
-    contrast_race = race(contenders(("full", "lora_lab", "loralib", "lora_lab_plain", "seed")), contrast_rounds,
+    contrast_race = race(contenders(("full", "lora_lab", "loralib", "lora_lab_plain", "course")), contrast_rounds,
                          run.warmup, bar, run.round_seconds)
 
     def details(result: RaceResult, rounds: int) -> dict:
@@ -348,8 +326,8 @@ def bench_training(key: str, setting: ModelSetting, run: RunSettings, bar: tqdm 
         timed_row(f"train.{key}.lora_lab_vs_loralib", f"lora_lab LoRA step / loralib LoRA step ({setting.label})",
                   contrast, "lora_lab", "loralib", details=side),
     ]
-    for name, what in (("loralib", "loralib"), ("lora_lab_plain", "plain readable path (fused=False)"),
-                       ("seed", "seed's layer (materialises B·Aᵀ)")):
+    for name, what in (("loralib", "loralib"), ("lora_lab_plain", "plain readable path (LoRALinear, fused=False)"),
+                       ("course", "the course's layer (materialises B·Aᵀ)")):
         rows.append(timed_row(f"train.{key}.{name}_vs_full",
                               f"{what} step / full fine-tuning step ({setting.label})",
                               contrast, name, "full", details=side))
@@ -516,7 +494,7 @@ def run_all(run: RunSettings, threads: int, machine: dict) -> list[Row]:
     """Every row. ``machine["load_average_at_end"]`` is taken after the timed races and before
     the memory runs, whose processes load the machine themselves but time nothing."""
     models = run.models
-    n_memory_processes = len(_memory_processes(_memory_comparisons("seed", models["seed"], run.memory_small_batch)))
+    n_memory_processes = len(_memory_processes(_memory_comparisons("course", models["course"], run.memory_small_batch)))
     n_races = 2 * (run.rounds + max(1, (run.rounds + 1) // 2)) + 2 + run.gen_rounds + n_memory_processes
     with tqdm(total=n_races, desc="benchmark rounds", disable=run.quick, file=sys.stderr) as bar:
         rows = []
@@ -524,9 +502,9 @@ def run_all(run: RunSettings, threads: int, machine: dict) -> list[Row]:
             rows += bench_training(key, models[key], run, bar)
         for key in ("cpu", "7m"):
             rows += bench_inference(key, models[key], run, bar)
-        rows += bench_generation("seed", models["seed"], run, bar)
+        rows += bench_generation("course", models["course"], run, bar)
         machine["load_average_at_end"] = _load_average()
-        rows += bench_memory("seed", models["seed"], run.memory_small_batch, threads, bar)
+        rows += bench_memory("course", models["course"], run.memory_small_batch, threads, bar)
     for row in rows:
         row.judge(run.quick)
     return rows

@@ -6,7 +6,7 @@
 * ``peft``: Hugging Face PEFT's LoRA layers (``inject_adapter_in_model``).
 * ``loralib``: Microsoft's loralib (the paper authors' code), its ``lora.Linear`` in place of
   each target ``nn.Linear``.
-* ``seed``: the original course module's layer, which materialises ``B·Aᵀ`` on every call
+* ``course``: the original course module's layer, which materialises ``B·Aᵀ`` on every call
   (copied below verbatim, as the contrast).
 * ``frozen``: no adapter and every weight frozen; only the target layers' biases train (BitFit,
   Ben Zaken et al. 2021). Autograd then runs the very graph LoRA needs — the gradient reaches
@@ -31,16 +31,16 @@ from lora_lab import apply_lora_to_model, find_target_modules
 #: LoRA on every projection of every block, lm_head left alone (lora-cost.md's setting).
 TARGETS = ("q", "k", "v", "o", "up", "down")
 
-VARIANTS = ("full", "lora_lab", "lora_lab_plain", "peft", "loralib", "seed", "frozen")
+VARIANTS = ("full", "lora_lab", "lora_lab_plain", "peft", "loralib", "course", "frozen")
 
-# --------------------------------------------------------------------------- the seed's code
+# --------------------------------------------------------------------------- the course's code
 # Copied from the original course module (module 06-LoRA's README, /work/shared/seed), names
-# and comments translated, for contrast only: lora_lab.layers is the corrected version. Its
+# and comments translated, for contrast only: lora_lab.lora.layers is the corrected version. Its
 # forward builds ΔW = B·Aᵀ (d_out × d_in) on every call, so autograd adds a full weight-gradient
 # product to each backward pass — the cost LoRA exists to avoid.
 
 
-class SeedLoRALayer(nn.Module):
+class CourseLoRALayer(nn.Module):
     """THE SEED'S CODE (not lora_lab's): materialises ΔW under autograd."""
 
     def __init__(self, in_features, out_features, rank=4, alpha=1.0):
@@ -57,13 +57,13 @@ class SeedLoRALayer(nn.Module):
         return h * self.scaling
 
 
-class SeedLoRALinear(nn.Module):
+class CourseLoRALinear(nn.Module):
     """THE SEED'S CODE (not lora_lab's): turns a linear layer into a LoRA layer."""
 
     def __init__(self, original_layer, rank=4, alpha=1.0):
         super().__init__()
         self.original_layer = original_layer
-        self.lora = SeedLoRALayer(original_layer.in_features, original_layer.out_features, rank, alpha)
+        self.lora = CourseLoRALayer(original_layer.in_features, original_layer.out_features, rank, alpha)
 
         for param in self.original_layer.parameters():
             param.requires_grad = False
@@ -103,7 +103,7 @@ def _loralib_linear(layer: nn.Linear, rank: int, alpha: float) -> nn.Module:
 
 def _freeze_all_but_lora(model: nn.Module) -> None:
     for name, param in model.named_parameters():
-        param.requires_grad = "lora_" in name  # PEFT: ...q.lora_A.default.weight; loralib, seed: ...q.lora_A
+        param.requires_grad = "lora_" in name  # PEFT: ...q.lora_A.default.weight; loralib, course: ...q.lora_A
 
 
 def build_variant(variant: str, base: nn.Module, rank: int = 4, alpha: float = 1.0) -> nn.Module:
@@ -133,8 +133,8 @@ def build_variant(variant: str, base: nn.Module, rank: int = 4, alpha: float = 1
     elif variant == "loralib":
         model = _replace_targets(base, lambda layer: _loralib_linear(layer, rank, alpha))
         _freeze_all_but_lora(model)
-    elif variant == "seed":
-        model = _replace_targets(base, lambda layer: SeedLoRALinear(layer, rank, alpha))
+    elif variant == "course":
+        model = _replace_targets(base, lambda layer: CourseLoRALinear(layer, rank, alpha))
         _freeze_all_but_lora(model)
     else:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")

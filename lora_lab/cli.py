@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from .profiles import PROFILES, parse_overrides
+from .data import NAMED_CORPORA
+from .experiment.config import PROFILES, parse_overrides
 
 __all__ = ["main"]
 
@@ -16,8 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="pretrain a small GPT, fine-tune it with LoRA and fully, compare",
-        description="Pretrain the base on the first 80%% of the corpus, then from that base train LoRA "
-        "(the seed's recipe and a tuned one) and full fine-tuning on the last 20%%, and compare them. "
+        description="Pretrain the base on the first 80% of the corpus, then from that base train LoRA "
+        "(the course's recipe and a tuned one) and full fine-tuning on the last 20%, and compare them. "
         "Writes results.json, report.md and PNG figures into --out.",
     )
     run.add_argument(
@@ -30,9 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         "--profile",
         default="cpu",
         choices=sorted(PROFILES),
-        help="smoke: seconds; cpu: a few minutes on 2 cores (default); seed: the course's ≈8.2M model",
+        help="smoke: seconds; cpu: a few minutes on 2 cores (default); course: the course's ≈8.2M model",
     )
-    run.add_argument("--out", default=None, help="output folder (default: runs/<corpus>-<profile>)")
+    run.add_argument("--out", default=None, help="output folder (default: runs/<corpus>-<profile>; "
+                     "for a text file runs/file-<name>-<profile>)")
     run.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     run.add_argument("--cache", default=None, help="artifact cache folder (default: artifacts/ in $LORA_LAB_CACHE, "
                      "else in $XDG_CACHE_HOME/lora_lab, else in ~/.cache/lora_lab)")
@@ -42,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a profile field, e.g. --set pretrain_epochs=2 (repeatable)",
+        help="override a profile field by its dotted name, e.g. --set pretrain.epochs=2 or "
+        "--set recipes.lora.rank=8 (repeatable)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--sweep", action="store_true",
@@ -54,34 +58,42 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import matplotlib
 
-    matplotlib.use("Agg")  # files only; no display needed
-    from pathlib import Path
+    # Files only, no display: the backend must be chosen before the job's modules import pyplot.
+    matplotlib.use("Agg")
 
-    from .main_job import format_table, run
+    from .experiment.report import OUTPUT_FILES, format_table
+    from .experiment.run import run
 
     try:
         overrides = parse_overrides(args.overrides)
-        corpus_name = Path(args.corpus).stem if args.corpus not in ("builtin",) else "builtin"
-        out = args.out or f"runs/{corpus_name}-{args.profile}"
+        out = args.out or f"runs/{_run_name(args.corpus)}-{args.profile}"
         results = run(
             args.corpus,
             args.profile,
             out,
+            overrides=overrides,
             device=args.device,
             cache=args.cache,
             progress=not args.no_progress,
             sweep=args.sweep,
-            **overrides,
         )
     except (ValueError, OSError, FloatingPointError, RuntimeError) as error:  # OSError: missing, unreadable, full
         print(f"lora-lab: error: {error}", file=sys.stderr)
         return 2
     print(format_table(results))
     print()
-    for name, ok in results["checks"].items():
+    for name, ok in results.claims.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name.replace('_', ' ')}")
-    print(f"\nWrote {out}/results.json, report.md, loss_curves.png, perplexities.png")
+    print(f"\nWrote {out}/{', '.join(OUTPUT_FILES)}")
     return 0
+
+
+def _run_name(corpus: str) -> str:
+    """The default output folder's corpus part: a text file's gets a ``file-`` prefix, so that
+    ``notes/builtin.txt`` can never write into the built-in corpus's folder."""
+    if corpus == "builtin" or corpus in NAMED_CORPORA:
+        return corpus
+    return f"file-{Path(corpus).stem}"
 
 
 if __name__ == "__main__":

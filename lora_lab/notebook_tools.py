@@ -20,7 +20,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellControlSignal, CellExecutionError, DeadKernelError
 
-from .io import atomic_write_text
+from .files import atomic_write_text
 
 __all__ = ["execute_notebook", "student_version", "write_student_versions", "notebook_paths", "main"]
 

@@ -4,8 +4,9 @@ Usage::
 
     python paper/build.py [--run-dir DIR] [--bench FILE | --no-bench] [--data-dir DIR] [--out PATH] [--date TEXT]
 
-``--run-dir`` names an output folder of ``lora-lab run``. Its ``results.json``, the optional
-``sweep.json`` and the figures the paper uses are checked, the PDF is compiled from them, and
+``--run-dir`` names an output folder of ``lora-lab run``. Its ``results.json`` (against
+:class:`lora_lab.experiment.results.RunResults`, which defines it), the optional ``sweep.json``
+and the figures the paper uses are checked, the PDF is compiled from them, and
 only then are they copied into the committed snapshot folder ``--data-dir`` (default
 ``paper/data``), replacing it as a whole. Without ``--run-dir`` the PDF is rebuilt from the
 snapshot alone, so the document builds without running any experiment. ``make pdf`` runs
@@ -21,7 +22,7 @@ text then says how to produce them. Without ``--run-dir`` or ``--bench`` the sna
 Nothing is changed unless everything succeeds: the Typst sources and the data are staged in a
 temporary folder and compiled there; only then are the snapshot and the PDF replaced, the old
 snapshot kept aside until the PDF is in place and put back if anything fails (see
-:class:`_SnapshotSwap`; the PDF goes through :func:`lora_lab.io.atomic_path`). A failure raises
+:class:`_SnapshotSwap`; the PDF goes through :func:`lora_lab.files.atomic_path`). A failure raises
 :class:`BuildError` with what was wrong and what to do; on the command line it is printed and
 the exit status is 1.
 """
@@ -42,7 +43,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 try:
-    from lora_lab.io import atomic_path
+    from lora_lab.experiment.results import ResultsError, RunResults
+    from lora_lab.files import atomic_path
 except ImportError as error:  # e.g. run with a Python that lacks the project's environment
     raise SystemExit(
         f"error: paper/build.py needs the lora_lab package ({error}); run `make setup` and then "
@@ -67,8 +69,8 @@ AUTO = "auto"
 #: Figures the text places, in order; each may be missing (the PDF then says how to make it).
 FIGURES = ("loss_curves.png", "perplexities.png", "rank_sweep.png", "spectrum.png")
 
-REQUIRED_MODELS = ("base", "lora", "full")
 RUN_REMEDY = "rerun `lora-lab run` (or `make pdf`) to rewrite it"
+RESULTS_REMEDY = "Rerun `lora-lab run` (or `make pdf`) to regenerate it."
 BENCH_REMEDY = (
     "rerun the benchmark suite (`make bench`, i.e. `python benchmarks/bench.py --threads 1`) to rewrite it, "
     "or build without benchmark figures (`python paper/build.py --no-bench`)"
@@ -102,10 +104,6 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _is_str_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON (NaN/Infinity cannot be typeset)")
 
@@ -117,96 +115,14 @@ def _load_json(path: Path, remedy: str = RUN_REMEDY) -> object:
         raise BuildError(f"cannot read {path}: {error}; {remedy}") from error
 
 
-def validate_results(results: object, where: str = RESULTS) -> None:
-    """Check ``results.json`` against the contract of ``lora-lab run`` (see
-    ``lora_lab.main_job.run``); raise :class:`BuildError` naming every problem found."""
-    problems: list[str] = []
-    if not isinstance(results, dict):
-        raise BuildError(f"{where}: expected a JSON object, got {type(results).__name__}")
-    for key in ("corpus", "profile"):
-        if not isinstance(results.get(key), str):
-            problems.append(f"'{key}' must be a string")
-    floors = results.get("entropy_floor_ppl", "missing")
-    if floors == "missing":
-        problems.append("'entropy_floor_ppl' is missing (use null when the corpus has no known floor)")
-    elif floors is not None and not (
-        isinstance(floors, dict) and all(_is_number(floors.get(k)) and floors[k] >= 1 for k in ("source", "target"))
-    ):
-        problems.append("'entropy_floor_ppl' must be null or {'source': ppl >= 1, 'target': ppl >= 1}")
-    if "note" in results and not isinstance(results["note"], str):
-        problems.append("'note' must be a string")
-    models = results.get("models")
-    if not isinstance(models, dict):
-        problems.append("'models' must be an object of model entries")
-        models = {}
-    for name in REQUIRED_MODELS:
-        if name not in models:
-            problems.append(f"models.{name} is missing (the run must evaluate base, lora and full)")
-    for name, entry in models.items():
-        if not isinstance(entry, dict):
-            problems.append(f"models.{name} must be an object")
-            continue
-        for key in ("target_ppl", "source_ppl"):
-            if not (_is_number(entry.get(key)) and entry[key] >= 1):
-                problems.append(f"models.{name}.{key} must be a finite perplexity >= 1, got {entry.get(key)!r}")
-        for key in ("trainable_params", "total_params"):
-            if not _is_count(entry.get(key)):
-                problems.append(f"models.{name}.{key} must be a non-negative integer, got {entry.get(key)!r}")
-        trainable, total = entry.get("trainable_params"), entry.get("total_params")
-        if _is_count(trainable) and _is_count(total) and not (total > 0 and trainable <= total):
-            problems.append(f"models.{name}: need 0 < total_params and trainable_params <= total_params")
-        if not (_is_number(entry.get("train_seconds")) and entry["train_seconds"] >= 0):
-            problems.append(f"models.{name}.train_seconds must be a number >= 0, got {entry.get('train_seconds')!r}")
-        if entry.get("artifact_bytes", "missing") is not None and not _is_count(entry.get("artifact_bytes")):
-            problems.append(f"models.{name}.artifact_bytes must be a non-negative integer or null")
-        rate = entry.get("valid_target_rate", "missing")
-        if rate is not None and not (_is_number(rate) and 0 <= rate <= 1):
-            problems.append(f"models.{name}.valid_target_rate must be null or a number in [0, 1], got {rate!r}")
-        samples = entry.get("samples")
-        if not (isinstance(samples, list) and all(isinstance(s, str) for s in samples)):
-            problems.append(f"models.{name}.samples must be a list of strings")
-    recipes = results.get("recipes")
-    if recipes is not None:
-        if not isinstance(recipes, dict):
-            problems.append("'recipes' must be an object when present")
-        else:
-            for name, rc in recipes.items():
-                if not (
-                    isinstance(rc, dict)
-                    and _is_count(rc.get("rank"))
-                    and rc["rank"] > 0
-                    and all(_is_number(rc.get(k)) and rc[k] > 0 for k in ("alpha", "lr"))
-                ):
-                    problems.append(f"recipes.{name} must have a positive int 'rank' and positive 'alpha' and 'lr'")
-                elif not (rc.get("target_modules") is None or _is_str_list(rc["target_modules"])):
-                    problems.append(f"recipes.{name}.target_modules must be null or a list of module names")
-    for key in ("profile_settings", "split_sizes", "histories", "checks"):
-        if key in results and not isinstance(results[key], dict):
-            problems.append(f"'{key}' must be an object when present")
-    settings = results.get("profile_settings")
-    if isinstance(settings, dict):
-        for key in ("n_embd", "n_layer", "n_head", "block_size", "batch_size"):
-            if key in settings and not (_is_count(settings[key]) and settings[key] > 0):
-                problems.append(f"profile_settings.{key} must be a positive integer, got {settings[key]!r}")
-    sizes = results.get("split_sizes")
-    if isinstance(sizes, dict) and not all(map(_is_count, sizes.values())):
-        problems.append("split_sizes must map split names to character counts")
-    histories = results.get("histories")
-    if isinstance(histories, dict):
-        for name, history in histories.items():
-            if not (
-                isinstance(history, dict) and _is_number(history.get("seconds")) and _is_count(history.get("steps", 0))
-            ):
-                problems.append(f"histories.{name} must have a number 'seconds' and an integer 'steps'")
-    checks = results.get("checks")
-    if isinstance(checks, dict) and not all(isinstance(v, bool) for v in checks.values()):
-        problems.append("checks must map check names to true/false")
-    if problems:
-        raise BuildError(
-            f"{where} does not match the contract of `lora-lab run`:\n  - "
-            + "\n  - ".join(problems)
-            + "\nRerun `lora-lab run` (or `make pdf`) to regenerate it."
-        )
+def validate_results(results: object, where: str = RESULTS) -> RunResults:
+    """Check decoded ``results.json`` against the contract of ``lora-lab run``, which
+    :class:`lora_lab.experiment.results.RunResults` defines; return it parsed, or raise
+    :class:`BuildError` naming every problem found."""
+    try:
+        return RunResults.from_json(results, where=where)
+    except ResultsError as error:
+        raise BuildError(f"{error}\n{RESULTS_REMEDY}") from error
 
 
 def validate_sweep(sweep: object, where: str = SWEEP) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lora_lab import pipeline
+from lora_lab.experiment import stages as pipeline
 
 torch.set_num_threads(1)
 

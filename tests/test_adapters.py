@@ -1,4 +1,4 @@
-"""Tests for lora_lab.adapters: LoRA adapters in Hugging Face PEFT's on-disk format.
+"""Tests for lora_lab.lora.adapters: LoRA adapters in Hugging Face PEFT's on-disk format.
 
 The interop tests run real PEFT (a declared test dependency) in both directions and compare
 logits numerically, with adapters whose B is far from zero and whose effect on the logits is
@@ -27,11 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import lora_lab.adapters
-import lora_lab.io
-from lora_lab.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, load_adapter, save_adapter
-from lora_lab.inject import apply_lora_to_model, lora_modules
-from lora_lab.layers import LoRALinear
+import lora_lab.files
+import lora_lab.lora.adapters
+from lora_lab.lora.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, load_adapter, save_adapter
+from lora_lab.lora.fused import FusedLoRALinear
+from lora_lab.lora.inject import apply_lora_to_model, lora_modules, lora_state_dict
+from lora_lab.lora.layers import LoRALinear
 from lora_lab.model import GPT, GPTConfig
 from lora_lab.seeding import make_generator, seed_everything
 
@@ -172,11 +173,12 @@ def assert_unchanged(model: nn.Module, before: tuple[dict[str, torch.Tensor], di
 
 
 def replace_layer(model: nn.Module, name: str, **options) -> None:
-    """Swap one LoRA layer for a fresh one with other settings (apply_lora_to_model gives all the same)."""
+    """Swap one LoRA layer for a fresh one with other settings (apply_lora_to_model gives all the same),
+    of the same class (FusedLoRALinear, apply_lora_to_model's default, or the plain LoRALinear)."""
     parent, _, child = name.rpartition(".")
     layer = lora_modules(model)[name]
     options = {"rank": layer.lora.rank, "alpha": layer.lora.alpha, "use_rslora": layer.lora.use_rslora, **options}
-    setattr(model.get_submodule(parent), child, LoRALinear(layer.original_layer, **options))
+    setattr(model.get_submodule(parent), child, type(layer)(layer.original_layer, **options))
 
 
 # --- interop with PEFT -------------------------------------------------------------------------
@@ -217,6 +219,30 @@ def test_peft_adapter_gives_same_logits_in_lora_lab(kind: str, case: str, tmp_pa
     loaded = load_adapter(model, tmp_path)
     assert sorted(loaded) == sorted(lora_modules(model))
     torch.testing.assert_close(logits(model, x), expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("saved_fused", [True, False], ids=["fused-to-plain", "plain-to-fused"])
+def test_adapter_moves_between_fused_and_plain_layers(saved_fused: bool, tmp_path: Path) -> None:
+    """The layer class is how the model computes, not part of the adapter: the same files load into a
+    model of FusedLoRALinear layers (apply_lora_to_model's default) and one of plain LoRALinear layers."""
+    base = make_base("gpt")
+    rank, alpha, use_rslora, targets = CASES["qv-r4-a8-rslora"]
+    options = {"rank": rank, "alpha": alpha, "target_modules": targets, "use_rslora": use_rslora}
+    source = apply_lora_to_model(base, fused=saved_fused, **options)
+    randomise_lora(source, seed=4)
+    source.eval()
+    x = tokens()
+    expected = logits(source, x)
+    assert_adapter_matters(expected, logits(base, x))
+    save_adapter(source, tmp_path)
+
+    target = apply_lora_to_model(base, fused=not saved_fused, **options).eval()
+    assert {type(m) for m in lora_modules(target).values()} == {FusedLoRALinear if not saved_fused else LoRALinear}
+    assert sorted(load_adapter(target, tmp_path)) == sorted(lora_modules(source))
+    assert lora_state_dict(target).keys() == lora_state_dict(source).keys()
+    for name, tensor in lora_state_dict(source).items():
+        assert torch.equal(lora_state_dict(target)[name], tensor), name
+    torch.testing.assert_close(logits(target, x), expected, **TOLERANCE)
 
 
 def test_peft_only_warns_about_unprefixed_keys_and_load_adapter_refuses_them(tmp_path: Path) -> None:
@@ -323,14 +349,14 @@ def test_saved_files_follow_peft_format(tmp_path: Path) -> None:
 
 def test_saved_files_keep_their_byte_format(tmp_path: Path) -> None:
     """The weights keep PEFT's "format": "pt" entry, and the config is byte for byte what
-    lora_lab.io.atomic_write_json writes (save_adapter writes it through its own temporary file)."""
+    lora_lab.files.atomic_write_json writes (save_adapter writes it through its own temporary file)."""
     save_adapter(
         lora_lab_model(make_base("tiny"), "qv-r4-a8-rslora"), tmp_path / "adapter", base_model_name_or_path="é"
     )
     with safe_open(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME, framework="pt") as handle:
         assert handle.metadata()["format"] == "pt"
     written = (tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_bytes()
-    lora_lab.io.atomic_write_json(tmp_path / "reference.json", json.loads(written))
+    lora_lab.files.atomic_write_json(tmp_path / "reference.json", json.loads(written))
     assert written == (tmp_path / "reference.json").read_bytes()
 
 
@@ -612,7 +638,7 @@ def test_save_failing_while_writing_leaves_old_files(
     def failing_config(obj: object) -> str:  # the new weights are already in their temporary file
         raise interruption
 
-    monkeypatch.setattr(lora_lab.adapters, "json_text", failing_config)
+    monkeypatch.setattr(lora_lab.lora.adapters, "json_text", failing_config)
     with pytest.raises(type(interruption)):
         save_adapter(lora_lab_model(base, "all-r4-a8"), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
@@ -664,7 +690,7 @@ def test_save_interrupted_between_the_two_moves_is_detected(tmp_path: Path, monk
             raise KeyboardInterrupt
         replace(source, destination)
 
-    monkeypatch.setattr(lora_lab.io.os, "replace", interrupted_replace)
+    monkeypatch.setattr(lora_lab.files.os, "replace", interrupted_replace)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(lora_lab_model(base, "all-r4-a8"), tmp_path)
     monkeypatch.undo()

@@ -1,5 +1,5 @@
-"""Tests for lora_lab.analysis: subspace similarity, ΔW and its spectrum, the cost model, the
-sweeps (smoke profile) and the files written for the companion PDF."""
+"""Tests for lora_lab.analysis: subspace similarity, ΔW and its spectrum, the cost model and the
+comparison table, the sweeps (smoke profile) and the files written for the companion PDF."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ import torch
 from matplotlib import pyplot as plt
 from torch import nn
 
-from lora_lab import analysis, pipeline
-from lora_lab.inject import apply_lora_to_model, count_parameters, lora_modules, merge_lora
+from lora_lab import analysis
+from lora_lab.analysis import figures
+from lora_lab.experiment import stages
+from lora_lab.experiment.config import TUNED_RECIPE
+from lora_lab.experiment.results import ModelResult
+from lora_lab.files import format_bytes
+from lora_lab.lora import apply_lora_to_model, count_parameters, lora_modules, merge_lora
 from lora_lab.model import GPT, GPTConfig
 from lora_lab.seeding import make_generator, seed_everything
 
@@ -169,6 +174,11 @@ def test_effective_rank_and_energy_on_a_known_spectrum():
     assert analysis.effective_rank(torch.zeros(5)) == 0
     assert analysis.energy_captured(s, 2) == pytest.approx(13 / 14)
     assert analysis.energy_captured(s, 0) == 0.0 and analysis.energy_captured(s, 9) == 1.0
+    curve = analysis.energy_curve(s)
+    assert curve.dtype == torch.float64
+    assert torch.allclose(curve, torch.tensor([9 / 14, 13 / 14, 1.0, 1.0], dtype=torch.float64))
+    assert [analysis.energy_captured(s, k) for k in (1, 2, 3)] == pytest.approx(curve[:3].tolist())
+    assert torch.equal(analysis.energy_curve(torch.zeros(3)), torch.ones(3, dtype=torch.float64))
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="energy"):
             analysis.effective_rank(s, bad)
@@ -203,13 +213,37 @@ def test_optimizer_memory_is_16_bytes_per_trainable_and_4_per_frozen_parameter()
     assert analysis.optimizer_memory_bytes(model.double()) == 32 * trainable + 8 * (with_adapters - trainable)
 
 
+def _result(target: float, source: float, trainable: int, artifact: int | None) -> ModelResult:
+    return ModelResult(target, source, trainable, 10_000, 2.5, artifact, None, [])
+
+
+def test_comparison_table_reads_model_results_and_their_json_alike():
+    results = {
+        "base": _result(40.0, 1.7, 10_000, 308_400),
+        "lora": _result(1.62, 2.45, 250, 79_600),
+        "full": _result(1.61, 6.0, 10_000, None),
+    }
+    memory = {"lora": 163_000, "full": 160_000}
+    table = analysis.comparison_table(results, memory, {"target": 1.577, "source": 1.679})
+    as_json = {name: json.loads(json.dumps(entry.to_dict())) for name, entry in results.items()}
+    assert analysis.comparison_table(as_json, memory, {"target": 1.577, "source": 1.679}) == table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert list(rows) == ["*entropy floor*", "base", "lora", "full"]
+    assert "| 1.577 | 1.679 |" in rows["*entropy floor*"]
+    # base: no forgetting, share or training state of its own; its artifact size is formatted.
+    assert rows["base"].count("—") == 4 and rows["base"].endswith(f"| {format_bytes(308_400)} |")
+    assert "| +0.750 | 250 | 2.50% |" in rows["lora"]
+    assert rows["lora"].endswith(f"| {format_bytes(163_000)} | {format_bytes(79_600)} |")
+    assert "| +4.300 |" in rows["full"] and rows["full"].endswith("| 160.0 KB | — |")
+
+
 # --- sweeps on the smoke profile ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    exp = pipeline.prepare("builtin", "smoke", cache=tmp_path_factory.mktemp("cache"), progress=False)
-    return exp, pipeline.pretrained_base(exp)
+    exp = stages.prepare("builtin", "smoke", cache=tmp_path_factory.mktemp("cache"), progress=False)
+    return exp, stages.pretrained_base(exp)
 
 
 def _adapted_in_plus_out(model: nn.Module) -> int:
@@ -219,17 +253,17 @@ def _adapted_in_plus_out(model: nn.Module) -> int:
 def test_rank_sweep_gives_one_entry_per_rank_with_the_lora_parameter_count(smoke):
     exp, base = smoke
     runs = analysis.rank_sweep(exp, base, ranks=(1, 2, 4))
-    floors = pipeline.entropy_floors(exp)
+    floors = stages.entropy_floors(exp)
     assert [run["rank"] for run in runs] == [1, 2, 4]
-    tuned = exp.tuned_recipe()
-    in_plus_out = _adapted_in_plus_out(apply_lora_to_model(base, rank=1))  # every nn.Linear
+    tuned = exp.profile.recipe(TUNED_RECIPE)
+    in_plus_out = _adapted_in_plus_out(apply_lora_to_model(base.model, rank=1))  # every nn.Linear
     for run in runs:
         assert math.isfinite(run["target_ppl"]) and run["target_ppl"] >= floors["target"]
         assert math.isfinite(run["source_ppl"]) and run["source_ppl"] >= floors["source"]
         assert run["trainable_params"] == run["rank"] * in_plus_out
-        assert run["total_params"] == base.num_parameters() + run["trainable_params"]
+        assert run["total_params"] == base.model.num_parameters() + run["trainable_params"]
         assert run["alpha"] == tuned.alpha and run["scaling"] == tuned.alpha / run["rank"]  # α fixed
-        assert run["epochs"] == min(analysis.SWEEP_EPOCHS, exp.profile.finetune_epochs)
+        assert run["epochs"] == min(analysis.SWEEP_EPOCHS, exp.profile.finetune.epochs)
         assert run["steps"] > 0
     assert runs[0]["target_ppl"] != runs[1]["target_ppl"]  # the runs really differ
     rs = analysis.rank_sweep(exp, base, ranks=(2,), use_rslora=True, source=False)
@@ -240,7 +274,7 @@ def test_rank_sweep_gives_one_entry_per_rank_with_the_lora_parameter_count(smoke
 
 def test_alpha_and_target_sweeps_reuse_equal_settings_from_the_cache(smoke, monkeypatch, forbid_training):
     exp, base = smoke
-    tuned = exp.tuned_recipe()
+    tuned = exp.profile.recipe(TUNED_RECIPE)
     analysis.rank_sweep(exp, base, ranks=(tuned.rank,), source=False)  # trains the tuned settings once
 
     forbid_training("these settings were trained already; the cached artifact should be reused")
@@ -253,7 +287,7 @@ def test_alpha_and_target_sweeps_reuse_equal_settings_from_the_cache(smoke, monk
     assert alphas[0]["trainable_params"] == alphas[1]["trainable_params"]  # α changes no parameter count
 
     groups = analysis.target_sweep(exp, base, {"attention": ["q", "k", "v", "o"], "mlp": ["up", "down"]}, source=False)
-    d, layers, r = exp.profile.n_embd, exp.profile.n_layer, tuned.rank
+    d, layers, r = exp.profile.model.n_embd, exp.profile.model.n_layer, tuned.rank
     assert [run["group"] for run in groups] == ["attention", "mlp"]
     assert groups[0]["trainable_params"] == r * layers * 4 * (d + d)
     assert groups[1]["trainable_params"] == r * layers * ((d + 4 * d) + (4 * d + d))
@@ -333,13 +367,14 @@ def test_write_sweep_outputs_refuses_bad_runs_and_leaves_the_folder_alone(tmp_pa
 
 def test_analyse_run_writes_what_the_pdf_needs(smoke, tmp_path):
     exp, base = smoke
-    full, lora = pipeline.full_finetuned(exp, base), pipeline.lora_finetuned(exp, base)
-    written = analysis.analyse_run(exp, base, full, lora, tmp_path, ranks=(1, 2))
+    full, lora = stages.full_finetuned(exp, base), stages.lora_finetuned(exp, base, TUNED_RECIPE)
+    reference = {trained.name: stages.evaluate(exp, trained) for trained in (base, lora, full)}
+    written = analysis.analyse_run(exp, base, full, lora, tmp_path, reference=reference, ranks=(1, 2))
     assert sorted(written) == ["rank_sweep.png", "spectrum.png", "sweep.json"]
     sweep = json.loads(written["sweep.json"].read_text())
     _paper_build().validate_sweep(sweep)
     assert [run["rank"] for run in sweep["runs"]] == [1, 2]
-    assert all(run["alpha"] == exp.tuned_recipe().alpha for run in sweep["runs"])
+    assert all(run["alpha"] == exp.profile.recipe(TUNED_RECIPE).alpha for run in sweep["runs"])
 
 
 def test_figures_have_fixed_layouts():
@@ -353,3 +388,30 @@ def test_figures_have_fixed_layouts():
     fig = analysis.plot_sweep_bars(_runs(), "alpha")
     assert len(fig.axes) == 2
     plt.close(fig)
+
+
+def _reference_drawn(fig) -> list[tuple[str, list[tuple[str, float]]]]:
+    """Per panel: its title and the (label, height) of its horizontal lines for reference models."""
+    names = set(figures.LABELS.values())
+    return [(ax.get_title(), [(ln.get_label(), ln.get_ydata()[0]) for ln in ax.lines if ln.get_label() in names])
+            for ax in fig.axes]  # fmt: skip
+
+
+def _bars_by_rank(runs, reference, floors):
+    return analysis.plot_sweep_bars(runs, "rank", reference, floors)
+
+
+@pytest.mark.parametrize("plot", [analysis.plot_rank_sweep, _bars_by_rank], ids=["rank_sweep", "sweep_bars"])
+def test_sweep_figures_draw_model_results_as_references(plot):
+    results = {"base": _result(47.238, 2.4, 10_000, None), "full": _result(2.5, 2.8, 10_000, None)}
+    as_json = {name: entry.to_dict() for name, entry in results.items()}
+    drawn = []
+    for reference in (results, as_json):
+        fig = plot(_runs(), reference, {"target": 1.5, "source": 1.6})
+        drawn.append(_reference_drawn(fig))
+        plt.close(fig)
+    assert drawn[0] == drawn[1]
+    (target_title, target_lines), (_, source_lines) = drawn[0]
+    assert target_lines == [(figures.LABELS["full"], 2.5)]  # base, far above the runs, is a note instead
+    assert "base\u00a047.238" in target_title
+    assert sorted(source_lines) == sorted([(figures.LABELS["base"], 2.4), (figures.LABELS["full"], 2.8)])

@@ -20,12 +20,12 @@ BENCH = ROOT / "benchmarks" / "bench.py"
 EXPECTED_ROWS = {
     *(f"train.{model}.{name}" for model in ("cpu", "7m") for name in (
         "lora_lab_vs_full", "lora_lab_vs_peft", "lora_lab_vs_loralib", "peft_vs_full", "loralib_vs_full",
-        "lora_lab_plain_vs_full", "seed_vs_full", "frozen_vs_full", "lora_lab_vs_frozen")),
+        "lora_lab_plain_vs_full", "course_vs_full", "frozen_vs_full", "lora_lab_vs_frozen")),
     *(f"infer.{model}.{name}" for model in ("cpu", "7m") for name in ("unmerged_vs_base", "merged_vs_base")),
-    "generate.seed.no_cache_vs_cache",
-    "memory.seed.lora_lab_vs_full",
-    "memory.seed.frozen_vs_full",
-    "memory.seed.small_batch.lora_lab_vs_full",
+    "generate.course.no_cache_vs_cache",
+    "memory.course.lora_lab_vs_full",
+    "memory.course.frozen_vs_full",
+    "memory.course.small_batch.lora_lab_vs_full",
 }
 
 
@@ -48,7 +48,7 @@ def test_quick_benchmark_writes_every_row(tmp_path: Path) -> None:
         if not row["id"].startswith("memory."):  # timed rows: the middle half of the per-round ratios
             low, high = row["spread"]
             assert low <= row["ratio"] <= high, row
-    assert rows["generate.seed.no_cache_vs_cache"]["details"]["same_tokens_with_and_without_cache"] is True
+    assert rows["generate.course.no_cache_vs_cache"]["details"]["same_tokens_with_and_without_cache"] is True
     for row_id in EXPECTED_ROWS:  # the table printed every row
         assert rows[row_id]["description"] in done.stdout
 

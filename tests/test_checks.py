@@ -22,7 +22,8 @@ from lora_lab.checks import (
     check_parameter_count,
     check_truncated_svd,
 )
-from lora_lab.layers import LoRALayer, LoRALinear
+from lora_lab.lora.fused import FusedLoRALinear
+from lora_lab.lora.layers import LoRALayer, LoRALinear
 
 
 def _report(capsys: pytest.CaptureFixture[str]) -> str:
@@ -92,7 +93,7 @@ def test_lora_layer_passes_reference(cls, capsys) -> None:
 
 
 class SeedLayoutLayer(GoodLoRALayer):
-    """The seed's layer: A stored (in, rank), ΔW = B Aᵀ materialised."""
+    """The course's layer: A stored (in, rank), ΔW = B Aᵀ materialised."""
 
     def __init__(self, in_features, out_features, rank=4, alpha=1.0):
         super().__init__(in_features, out_features, rank, alpha)
@@ -150,7 +151,7 @@ def test_lora_layer_names_A_zero_too(capsys) -> None:
 
 
 class Materialised(GoodLoRALayer):
-    """Right shapes and values, but ΔW built on every call (the seed's cost slip)."""
+    """Right shapes and values, but ΔW built on every call (the course's cost slip)."""
 
     def forward(self, x):
         return x @ (self.lora_B @ self.lora_A).T * self.scaling
@@ -269,11 +270,9 @@ def test_lora_linear_passes_reference(cls, capsys) -> None:
     assert "exactly the adapter's r·(in + out) = 66" in out
 
 
-def test_lora_linear_passes_lora_lab_plain_path(capsys) -> None:
-    def plain(layer, rank, alpha):
-        return LoRALinear(layer, rank, alpha, fused=False)
-
-    _assert_passes(check_lora_linear(plain), _report(capsys))
+@pytest.mark.parametrize("cls", [LoRALinear, FusedLoRALinear], ids=["plain", "fused"])
+def test_lora_linear_passes_lora_labs_own_layers(cls, capsys) -> None:
+    _assert_passes(check_lora_linear(cls), _report(capsys))
 
 
 class BaseNotFrozen(GoodLoRALinear):

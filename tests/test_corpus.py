@@ -1,4 +1,4 @@
-"""Tests for lora_lab.corpus: exact entropy, recognizer, corpus text and error paths."""
+"""Tests for lora_lab.data.grammar: exact entropy, recognizer, corpus text and error paths."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from lora_lab import corpus as C
+from lora_lab.data import Corpus
+from lora_lab.data import grammar as C
 
 N_MC = 4000  # sentences per domain for the Monte-Carlo checks: standard error ~0.001 nats/char
 
@@ -257,6 +259,7 @@ def test_builtin_corpus_layout_and_split():
 
 def test_default_corpus_is_deterministic_and_uses_a_small_alphabet():
     corpus = C.builtin_corpus()
+    assert isinstance(corpus, Corpus) and corpus.builtin is True and corpus.name == "builtin"
     assert corpus == C.builtin_corpus()
     assert abs(len(corpus.text) - C.DEFAULT_CORPUS_CHARS) < 100
     assert corpus.target_start / len(corpus.text) == pytest.approx(0.8, abs=0.001)
@@ -267,15 +270,18 @@ def test_default_corpus_is_deterministic_and_uses_a_small_alphabet():
 
 
 def test_corpus_is_identical_in_another_process():
-    # Load corpus.py on its own (it needs nothing else from the package) so the child skips importing torch.
+    # grammar.py builds a Corpus (lora_lab.data.corpus), so the child imports it through the package:
+    # the very copy under test, put first on the child's path.
     code = (
-        "import hashlib, importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('corpus_copy', {C.__file__!r})\n"
-        "module = sys.modules['corpus_copy'] = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "print(hashlib.sha256(module.builtin_corpus(20_000, seed=3).text.encode()).hexdigest())\n"
+        "import hashlib\n"
+        "from lora_lab.data import grammar\n"
+        f"assert grammar.__file__ == {C.__file__!r}, grammar.__file__\n"
+        "print(hashlib.sha256(grammar.builtin_corpus(20_000, seed=3).text.encode()).hexdigest())\n"
     )
-    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # another hash() seed: set and dict-of-str order change
+    package_root = str(Path(C.__file__).resolve().parents[2])
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    # another hash() seed: set and dict-of-str order change
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == hashlib.sha256(C.builtin_corpus(20_000, seed=3).text.encode()).hexdigest()
 

@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from lora_lab import data
-from lora_lab.data import CharTokenizer, iterate_batches, load_corpus, make_splits, steps_per_epoch, total_steps
-from lora_lab.evaluate import _windows
+from lora_lab.data import (
+    CharTokenizer,
+    Corpus,
+    iterate_batches,
+    load_corpus,
+    make_splits,
+    steps_per_epoch,
+    total_steps,
+)
+from lora_lab.data.sources import NamedCorpus
+from lora_lab.training.metrics import _windows
 
 
 def test_tokenizer_vocabulary_is_sorted_and_round_trips():
@@ -31,7 +40,7 @@ def test_unknown_character_is_named_in_the_error():
 
 def test_builtin_split_is_80_20_at_a_sentence_boundary_with_10pct_validation():
     corpus = load_corpus("builtin", builtin_chars=20_000)
-    assert corpus.is_builtin
+    assert corpus.builtin is True
     assert abs(corpus.target_start / len(corpus.text) - 0.8) < 0.01
     assert corpus.text[corpus.target_start - 1] == "\n"
     splits = make_splits(corpus)
@@ -46,7 +55,21 @@ def test_real_text_is_split_at_80pct_of_characters(tmp_path: Path):
     path = tmp_path / "book.txt"
     path.write_text("abcdefghij" * 100, encoding="utf-8")
     corpus = load_corpus(str(path), block_size=8)
-    assert corpus.name == "book.txt" and corpus.target_start == 800 and not corpus.is_builtin
+    assert corpus.name == "book.txt" and corpus.target_start == 800 and corpus.builtin is False
+
+
+def test_a_user_file_named_builtin_is_not_the_builtin_corpus(tmp_path: Path):
+    # Being built in is where the text came from (the grammars, whose entropy floor and validity
+    # judge apply to it alone), never the name a user's file happens to have.
+    path = tmp_path / "data" / "builtin"
+    path.parent.mkdir()
+    path.write_text("abcdefghij" * 100, encoding="utf-8")
+    corpus = load_corpus(str(path), block_size=8)
+    assert corpus.name == "builtin" and corpus.text == "abcdefghij" * 100 and corpus.target_start == 800
+    assert corpus.builtin is False
+    builtin = load_corpus("builtin", builtin_chars=20_000)
+    assert builtin.name == "builtin" and builtin.builtin is True
+    assert Corpus("builtin", "some text", 4).builtin is False  # a Corpus is the user's unless said otherwise
 
 
 @pytest.mark.parametrize(
@@ -132,7 +155,7 @@ class _Server:
 @pytest.fixture
 def tiny_named_corpus(monkeypatch):
     body = ("to be or not to be, that is the question\n" * 200).encode()
-    spec = data.NamedCorpus(url="unused", sha256=hashlib.sha256(body).hexdigest(), size=len(body), filename="tiny.txt")
+    spec = NamedCorpus(url="unused", sha256=hashlib.sha256(body).hexdigest(), size=len(body), filename="tiny.txt")
     monkeypatch.setitem(data.NAMED_CORPORA, "tiny", spec)
     server = _Server({"/tiny.txt": body, "/wrong.txt": body + b"tampered"})
     yield server, body

@@ -1,4 +1,4 @@
-"""Tests for lora_lab.fused, the fast path of LoRALinear.
+"""Tests for lora_lab.lora.fused: FusedLoRALinear, the fast path of LoRALinear.
 
 The fast path must compute exactly what the plain readable path computes —
 ``original_layer(x) + lora(x)`` — forward and backward, in every case it takes: both graphs of
@@ -22,14 +22,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from lora_lab import apply_lora_to_model, disable_lora, lora_modules
-from lora_lab.fused import (
+from lora_lab.lora.fused import (
     FACTORISED_CALL_OVERHEAD,
     MERGED_WEIGHT_CROSSOVER,
     STRATEGIES,
+    FusedLoRALinear,
     choose_merged_weight,
     lora_linear,
 )
-from lora_lab.layers import LoRALinear
+from lora_lab.lora.layers import LoRALinear
 from lora_lab.seeding import make_generator, seed_everything
 
 FORCED = ("merged", "factorised")  # the two graphs "auto" chooses between
@@ -57,7 +58,7 @@ def _tensors(d_in=11, d_out=7, rank=3, bias=True, dtype=torch.float32):
 
 
 def _plain(x, w, b, a, bb, scaling, x_lora=None):
-    """The readable path, spelled as LoRALinear(fused=False) computes it."""
+    """The readable path, spelled as the plain LoRALinear computes it."""
     return F.linear(x, w, b) + ((x if x_lora is None else x_lora) @ a.t() * scaling) @ bb.t()
 
 
@@ -309,23 +310,34 @@ def test_frozen_weight_gradient_is_never_computed(strategy: str, weight_trainabl
 
 def _layer_pair(
     bias: bool = True, dropout: float = 0.0, dtype=torch.float32, d_in: int = 11, d_out: int = 7
-) -> tuple[LoRALinear, LoRALinear]:
+) -> tuple[FusedLoRALinear, LoRALinear]:
+    """A FusedLoRALinear and a plain LoRALinear holding the very same weights and adapter."""
     base = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
-    fast = LoRALinear(base, rank=3, alpha=6.0, dropout=dropout)
+    plain_base = copy.deepcopy(base)
+    fast = FusedLoRALinear(base, rank=3, alpha=6.0, dropout=dropout)
     with torch.no_grad():
         fast.lora.lora_B.copy_(_randn(d_out, 3, seed=4, dtype=dtype))
-    plain = copy.deepcopy(fast)
-    plain.fused = False
+    plain = LoRALinear(plain_base, rank=3, alpha=6.0, dropout=dropout)
+    plain.load_state_dict(fast.state_dict())
+    assert type(fast) is FusedLoRALinear and type(plain) is LoRALinear
     return fast, plain
 
 
-def test_fused_is_the_default_and_must_be_a_bool() -> None:
-    assert LoRALinear(nn.Linear(4, 3)).fused is True
-    assert LoRALinear(nn.Linear(4, 3), fused=False).fused is False
-    with pytest.raises(TypeError, match="fused must be True or False"):
-        LoRALinear(nn.Linear(4, 3), fused=1)
-    model = apply_lora_to_model(nn.Sequential(nn.Linear(4, 4)), fused=False)  # a layer option like any other
-    assert all(not m.fused for m in lora_modules(model).values())
+def test_apply_lora_builds_fused_layers_by_default_plain_ones_on_request() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    fused = apply_lora_to_model(model)
+    assert [type(m) for m in lora_modules(fused).values()] == [FusedLoRALinear, FusedLoRALinear]
+    plain = apply_lora_to_model(model, fused=False)  # exactly the readable layer, not the subclass
+    assert [type(m) for m in lora_modules(plain).values()] == [LoRALinear, LoRALinear]
+    assert issubclass(FusedLoRALinear, LoRALinear)  # so lora_modules, merge, adapters see both alike
+    for flag in (1, 0, "no", None):
+        with pytest.raises(TypeError, match="fused must be True or False"):
+            apply_lora_to_model(model, fused=flag)
+    assert not lora_modules(model)  # the original is never adapted, refused or not
+    # The layers themselves have no flag: the class is the choice.
+    assert not hasattr(LoRALinear(nn.Linear(4, 3)), "fused")
+    with pytest.raises(TypeError, match="fused"):
+        LoRALinear(nn.Linear(4, 3), fused=True)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -412,7 +424,7 @@ def test_hooks_subclasses_and_autocast_take_the_plain_path() -> None:
             return 2 * super().forward(x)
 
     doubled = DoubledLinear(11, 7)
-    layer = LoRALinear(doubled)
+    layer = FusedLoRALinear(doubled)
     torch.testing.assert_close(layer(x), 2 * F.linear(x, doubled.weight, doubled.bias))
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -447,15 +459,17 @@ def test_gpt_training_step_fast_equals_plain(lora_dropout: float) -> None:
         for i, (name, param) in enumerate(fast.named_parameters()):
             if name.endswith("lora_B"):
                 param.copy_(torch.randn(param.shape, generator=make_generator(i)) * 0.1)
-    plain = copy.deepcopy(fast)  # the very same weights and adapters, on the plain path
-    for module in lora_modules(plain).values():
-        module.fused = False
+    # The very same weights and adapters, on the plain path.
+    plain = apply_lora_to_model(base, rank=4, alpha=8.0, target_modules=targets, dropout=lora_dropout, fused=False)
+    plain.load_state_dict(fast.state_dict())
     models = {True: fast, False: plain}
     idx = torch.randint(0, 29, (3, 16), generator=make_generator(1))
     tgt = torch.randint(0, 29, (3, 16), generator=make_generator(2))
     losses, params_after = {}, {}
     for fused, model in models.items():
-        assert all(m.fused is fused for m in lora_modules(model).values())
+        modules = lora_modules(model).values()
+        assert len(modules) == 6 * config.n_layer
+        assert all(type(m) is (FusedLoRALinear if fused else LoRALinear) for m in modules)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-2)
         torch.manual_seed(5)  # the same dropout masks in both

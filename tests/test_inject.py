@@ -1,6 +1,6 @@
-"""Tests for lora_lab.inject: apply_lora_to_model and the API around it.
+"""Tests for lora_lab.lora.inject: apply_lora_to_model and the API around it.
 
-``apply_lora_to_model(model, rank=4, alpha=1.0)`` is the seed's contract: it returns an adapted
+``apply_lora_to_model(model, rank=4, alpha=1.0)`` is the course's contract: it returns an adapted
 *copy* and leaves the original model alone. Target matching follows Hugging Face PEFT: a list
 entry matches a module name exactly or as a dotted suffix, a single string is a regex that must
 match the whole name.
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lora_lab.inject import (
+from lora_lab.lora.inject import (
     apply_lora_to_model,
     count_parameters,
     disable_lora,
@@ -28,8 +28,9 @@ from lora_lab.inject import (
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora,
+    replace_module,
 )
-from lora_lab.layers import LoRALayer, LoRALinear
+from lora_lab.lora.layers import LoRALayer, LoRALinear
 from lora_lab.seeding import make_generator, seed_everything
 
 SEED = 1234
@@ -137,7 +138,7 @@ def _adapter_names(targets: list[str]) -> set[str]:
     return {f"{t}.lora.{ab}" for t in targets for ab in ("lora_A", "lora_B")}
 
 
-# --------------------------------------------------------------------------- the seed's contract
+# --------------------------------------------------------------------------- the course's contract
 
 
 def test_returns_an_adapted_copy_and_leaves_the_original_alone(model: TinyLM, tokens: torch.Tensor) -> None:
@@ -145,7 +146,7 @@ def test_returns_an_adapted_copy_and_leaves_the_original_alone(model: TinyLM, to
     snapshot = _snapshot(model)
     expected = model(tokens)
 
-    lora_model = apply_lora_to_model(model, rank=4, alpha=1.0)  # the seed's call
+    lora_model = apply_lora_to_model(model, rank=4, alpha=1.0)  # the course's call
 
     assert lora_model is not model
     assert list(lora_modules(lora_model)) == ALL_LINEARS  # None → every nn.Linear
@@ -245,6 +246,20 @@ def test_regex_matching_a_norm_names_it(model: TinyLM) -> None:
         apply_lora_to_model(model, target_modules=r"blocks\.0\..*")
 
 
+def test_replace_module_puts_a_module_at_a_dotted_name(model: TinyLM, tokens: torch.Tensor) -> None:
+    old_q, new_q = model.blocks[1].attn.q, nn.Linear(DIM, DIM)
+    assert replace_module(model, "blocks.1.attn.q", new_q) is old_q
+    assert model.blocks[1].attn.q is new_q and model.get_submodule("blocks.1.attn.q") is new_q
+    assert model.blocks[0].attn.q is not new_q  # only the named one
+    old_mlp_in, new_mlp_in = model.blocks[0].mlp[0], nn.Linear(DIM, 2 * DIM)
+    assert replace_module(model, "blocks.0.mlp.0", new_mlp_in) is old_mlp_in  # inside an nn.Sequential
+    assert model.blocks[0].mlp[0] is new_mlp_in
+    old_head, new_head = model.head, nn.Linear(DIM, VOCAB, bias=False)
+    assert replace_module(model, "head", new_head) is old_head  # a child of the root itself
+    assert model.head is new_head
+    assert model(tokens).shape == (*tokens.shape, VOCAB)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -332,9 +347,9 @@ def test_bad_options_are_refused_and_leave_the_model_unchanged(model: TinyLM, kw
 
 
 def test_layer_options_reach_every_adapter(model: TinyLM) -> None:
-    lora_model = apply_lora_to_model(model, rank=4, alpha=8.0, init="seed", use_rslora=True, dropout=0.1)
+    lora_model = apply_lora_to_model(model, rank=4, alpha=8.0, init="course", use_rslora=True, dropout=0.1)
     for module in lora_modules(lora_model).values():
-        assert module.lora.init == "seed"
+        assert module.lora.init == "course"
         assert module.lora.scaling == pytest.approx(8.0 / 2.0)
         assert isinstance(module.lora.dropout, nn.Dropout) and module.lora.dropout.p == 0.1
 
@@ -455,7 +470,8 @@ def test_merge_lora_refuses_non_finite_adapters(model: TinyLM) -> None:
     with torch.no_grad():
         lora_model.blocks[1].attn.q.lora.lora_B.fill_(math.inf)
     before = {n: p.detach().clone() for n, p in lora_model.named_parameters()}
-    with pytest.raises(ValueError, match=r"merging blocks\.1\.attn\.q would produce non-finite weights"):
+    message = r"merging blocks\.1\.attn\.q would produce non-finite weights.*the model was not merged"
+    with pytest.raises(ValueError, match=message):
         merge_lora(lora_model)
     assert all(torch.equal(p, before[n]) for n, p in lora_model.named_parameters())
 

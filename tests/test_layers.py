@@ -1,16 +1,18 @@
-"""Tests for lora_lab.layers: LoRALayer and LoRALinear.
+"""Tests for lora_lab.lora.layers: LoRALayer and LoRALinear (and, where the layer's contract
+must hold for both, lora_lab.lora.fused's FusedLoRALinear, the same layer on the fast path).
 
-The seed (the original course module) fixed the API these tests hold to:
+The course (the original course module) fixed the API these tests hold to:
 ``LoRALayer(in_features, out_features, rank, alpha)``, ``LoRALinear(original_layer, rank=4,
 alpha=1.0)`` with attributes ``original_layer`` and ``lora``, and training with
 ``AdamW(filter(lambda p: p.requires_grad, ...), lr=1e-3)``. The parameter layout is the
-paper's / PEFT's, not the seed README's slip: ``lora_A`` is ``(rank, in)``, ``lora_B`` is
+paper's / PEFT's, not the course README's slip: ``lora_A`` is ``(rank, in)``, ``lora_B`` is
 ``(out, rank)`` and ``ΔW = scaling · B A`` is ``(out, in)``, the shape of the frozen weight.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -22,10 +24,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from lora_lab.layers import INIT_METHODS, LoRALayer, LoRALinear
+from lora_lab.lora.fused import FusedLoRALinear
+from lora_lab.lora.layers import INIT_METHODS, LoRALayer, LoRALinear
 from lora_lab.seeding import make_generator, seed_everything
 
 SEED = 1234
+
+# LoRALinear is the plain readable layer, original_layer(x) + lora(x); FusedLoRALinear (a subclass,
+# what apply_lora_to_model builds by default) computes the same function on lora_lab.lora.fused's
+# fast path. Every contract of the layer holds for both; the fast path also switches between a
+# merged-weight and a factorised graph by token count, so sizes below cover both.
+_LAYER_CLASSES = pytest.mark.parametrize("layer_class", [FusedLoRALinear, LoRALinear], ids=["fused", "plain"])
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +69,7 @@ def _randomise_adapter(lora: LoRALayer, seed: int = 1) -> None:
 
 
 def _seed_style_delta(lora: LoRALayer, x: torch.Tensor) -> torch.Tensor:
-    """The seed's forward, translated to the (rank, in) / (out, rank) layout: it builds the
+    """The course's forward, translated to the (rank, in) / (out, rank) layout: it builds the
     full ``ΔW`` (out × in) first. Used as a numerical reference and as the control that proves
     the materialisation detectors below can see a materialised ΔW."""
     delta_w = lora.lora_B @ lora.lora_A
@@ -72,13 +81,13 @@ def _seed_style_delta(lora: LoRALayer, x: torch.Tensor) -> torch.Tensor:
 
 def test_seed_lora_layer_positional_signature_and_paper_layout() -> None:
     in_features, out_features, rank, alpha = 16, 32, 4, 1.0
-    lora = LoRALayer(in_features, out_features, rank, alpha)  # positional, as the seed writes it
+    lora = LoRALayer(in_features, out_features, rank, alpha)  # positional, as the course writes it
     assert lora.lora_A.shape == (rank, in_features)
     assert lora.lora_B.shape == (out_features, rank)
     assert lora.scaling == alpha / rank == 0.25
     assert torch.count_nonzero(lora.lora_B) == 0
     assert torch.count_nonzero(lora.lora_A) > 0
-    # ΔW = B·A has the frozen weight's shape (out, in); the seed README's A ∈ R^(d×r),
+    # ΔW = B·A has the frozen weight's shape (out, in); the course README's A ∈ R^(d×r),
     # B ∈ R^(r×d) would make BA an r×r matrix.
     _randomise_adapter(lora)
     delta = lora.delta_weight()
@@ -115,9 +124,10 @@ def test_scaling_is_alpha_over_rank_or_sqrt_rank(rank: int, alpha: float, use_rs
     torch.testing.assert_close(lora(x), expected * (x @ lora.lora_A.t() @ lora.lora_B.t()))
 
 
-def test_seed_lora_linear_contract() -> None:
+@_LAYER_CLASSES
+def test_seed_lora_linear_contract(layer_class: type[LoRALinear]) -> None:
     base = nn.Linear(16, 32)
-    layer = LoRALinear(base, rank=4, alpha=1.0)  # the seed's call
+    layer = layer_class(base, rank=4, alpha=1.0)  # the course's call
     assert layer.original_layer is base  # wrapped in place, not copied
     assert isinstance(layer.lora, LoRALayer)
     assert (layer.lora.in_features, layer.lora.out_features, layer.lora.rank) == (16, 32, 4)
@@ -128,12 +138,13 @@ def test_seed_lora_linear_contract() -> None:
     assert layer.weight is base.weight and layer.bias is base.bias
     assert layer.merged is False
     # Positional rank/alpha work too.
-    positional = LoRALinear(nn.Linear(16, 32), 8, 2.0)
+    positional = layer_class(nn.Linear(16, 32), 8, 2.0)
     assert (positional.lora.rank, positional.lora.scaling) == (8, 0.25)
 
 
-def test_lora_linear_follows_base_dtype() -> None:
-    layer = LoRALinear(nn.Linear(6, 5, dtype=torch.float64), rank=2)
+@_LAYER_CLASSES
+def test_lora_linear_follows_base_dtype(layer_class: type[LoRALinear]) -> None:
+    layer = layer_class(nn.Linear(6, 5, dtype=torch.float64), rank=2)
     assert layer.lora.lora_A.dtype == torch.float64 and layer.lora.lora_B.dtype == torch.float64
     out = layer(_randn(3, 6, dtype=torch.float64))
     assert out.dtype == torch.float64
@@ -149,7 +160,7 @@ def test_lora_layer_factory_kwargs() -> None:
 
 
 def test_init_methods_constant() -> None:
-    assert INIT_METHODS == ("kaiming", "gaussian", "seed")
+    assert INIT_METHODS == ("kaiming", "gaussian", "course")
 
 
 def test_kaiming_init_is_uniform_with_fan_in_bound() -> None:
@@ -170,10 +181,10 @@ def test_kaiming_init_is_uniform_with_fan_in_bound() -> None:
 
 
 @pytest.mark.parametrize(
-    ("init", "rank", "expected_std"), [("gaussian", 4, 0.25), ("seed", 4, 0.01), ("seed", 2, 0.01)]
+    ("init", "rank", "expected_std"), [("gaussian", 4, 0.25), ("course", 4, 0.01), ("course", 2, 0.01)]
 )
 def test_gaussian_inits_have_the_documented_std(init: str, rank: int, expected_std: float) -> None:
-    # "gaussian" is PEFT's N(0, std=1/r); "seed" is the course module's randn·0.01.
+    # "gaussian" is PEFT's N(0, std=1/r); "course" is the course module's randn·0.01.
     in_features = 4096 // rank  # 4096 draws: std estimated to ≈ 1/√(2·4096) ≈ 1.1%
     lora = LoRALayer(in_features, 8, rank, 1.0, init=init)
     a = lora.lora_A.detach().double()
@@ -190,7 +201,7 @@ def test_inits_differ_from_each_other() -> None:
     stds = {init: LoRALayer(1024, 8, 4, 1.0, init=init).lora_A.std().item() for init in INIT_METHODS}
     assert stds["kaiming"] == pytest.approx(1 / math.sqrt(1024) / math.sqrt(3), rel=0.05)
     assert stds["gaussian"] == pytest.approx(0.25, rel=0.05)
-    assert stds["seed"] == pytest.approx(0.01, rel=0.05)
+    assert stds["course"] == pytest.approx(0.01, rel=0.05)
 
 
 def test_reset_parameters_zeroes_b_and_redraws_a() -> None:
@@ -206,29 +217,26 @@ def test_reset_parameters_zeroes_b_and_redraws_a() -> None:
 # --------------------------------------------------------------------------- zero-init identity
 
 
-# LoRALinear has two forward paths (lora_lab.fused's fast one, the default, and the plain
-# original_layer(x) + lora(x)); the contract holds for both. The fast path also switches between
-# a merged-weight and a factorised graph by token count, so sizes below cover both.
-_FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
-
-
-@_FUSED
+@_LAYER_CLASSES
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch_shape", [(5,), (2, 5), (), (64, 3)], ids=["2d", "3d", "1d", "many-tokens"])
 @pytest.mark.parametrize("init", INIT_METHODS)
-def test_fresh_lora_linear_equals_base_exactly(bias: bool, batch_shape: tuple, init: str, fused: bool) -> None:
+def test_fresh_lora_linear_equals_base_exactly(
+    bias: bool, batch_shape: tuple, init: str, layer_class: type[LoRALinear]
+) -> None:
     base = nn.Linear(12, 7, bias=bias)
     reference = copy.deepcopy(base)
-    layer = LoRALinear(base, rank=3, alpha=5.0, init=init, fused=fused)
+    layer = layer_class(base, rank=3, alpha=5.0, init=init)
     x = _randn(*batch_shape, 12, seed=3)
     # B = 0 makes the adapter's output exactly zero, and W x + b + 0 is W x + b bit for bit.
     assert torch.equal(layer(x), reference(x))
 
 
-def test_fresh_lora_linear_with_dropout_in_training_equals_base_exactly() -> None:
+@_LAYER_CLASSES
+def test_fresh_lora_linear_with_dropout_in_training_equals_base_exactly(layer_class: type[LoRALinear]) -> None:
     base = nn.Linear(12, 7)
     reference = copy.deepcopy(base)
-    layer = LoRALinear(base, rank=3, alpha=5.0, dropout=0.5).train()
+    layer = layer_class(base, rank=3, alpha=5.0, dropout=0.5).train()
     x = _randn(4, 12, seed=3)
     assert torch.equal(layer(x), reference(x))
 
@@ -247,15 +255,15 @@ def test_lora_layer_forward_equals_scaled_x_At_Bt(batch_shape: tuple[int, ...]) 
     a, b, x64 = lora.lora_A.double(), lora.lora_B.double(), x.double()
     expected = lora.scaling * x64 @ a.t() @ b.t()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    # And it equals the seed's materialised formula numerically.
+    # And it equals the course's materialised formula numerically.
     torch.testing.assert_close(out, _seed_style_delta(lora, x), rtol=1e-5, atol=1e-5)
 
 
-@_FUSED
+@_LAYER_CLASSES
 @pytest.mark.parametrize("batch_shape", [(2, 4), (64, 3)], ids=["few-tokens", "many-tokens"])
-def test_lora_linear_forward_is_base_plus_adapter(fused: bool, batch_shape: tuple[int, ...]) -> None:
+def test_lora_linear_forward_is_base_plus_adapter(layer_class: type[LoRALinear], batch_shape: tuple[int, ...]) -> None:
     base = nn.Linear(10, 6)
-    layer = LoRALinear(base, rank=3, alpha=7.0, fused=fused)
+    layer = layer_class(base, rank=3, alpha=7.0)
     _randomise_adapter(layer.lora)
     x = _randn(*batch_shape, 10, seed=5)
     expected = F.linear(x.double(), base.weight.double(), base.bias.double()) + layer.lora.scaling * (
@@ -263,6 +271,43 @@ def test_lora_linear_forward_is_base_plus_adapter(fused: bool, batch_shape: tupl
     )
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(layer(x), base(x))  # the adapter does something
+
+
+def test_plain_lora_linear_is_exactly_the_readable_formula_and_fused_matches_it() -> None:
+    # The lesson's layer holds no fast-path plumbing: its forward is original_layer(x) + lora(x),
+    # spelled out, and nothing else (the fast path lives in FusedLoRALinear alone).
+    source = inspect.getsource(LoRALinear.forward)
+    for plumbing in ("lora_linear", "_fast_path_applies", "fused", "autocast", "hook"):
+        assert plumbing not in source, f"LoRALinear.forward mentions {plumbing!r}"
+    base = nn.Linear(4, 3)
+    layer = LoRALinear(base)
+    _randomise_adapter(layer.lora)  # B ≠ 0: the adapter's rounding shows in the output
+    fused = FusedLoRALinear(copy.deepcopy(base))
+    fused.load_state_dict(layer.state_dict())
+    for batch_shape in ((5,), (2, 7), (64,)):
+        x = _randn(*batch_shape, 4, seed=3, dtype=torch.float32).requires_grad_()
+        out = layer(x)
+        assert type(out.grad_fn).__name__ == "AddBackward0"  # the plain sum, not a fused Function
+        # Bit for bit: the same two modules, the same ops, summed once.
+        assert torch.equal(out, base(x) + layer.lora(x))
+        fused_out = fused(x)
+        assert type(fused_out.grad_fn).__name__ == "_LoRALinearFunctionBackward"  # the fast path did run
+        torch.testing.assert_close(fused_out, out, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_weight_is_w_plus_delta_w_and_leaves_w_alone() -> None:
+    layer = _adapted_linear()
+    weight = layer.original_layer.weight
+    before = weight.detach().clone()
+    merged = layer.merged_weight()
+    assert merged is not weight and merged.dtype == weight.dtype and not merged.requires_grad
+    torch.testing.assert_close(merged, before + layer.lora.delta_weight())
+    assert layer.original_layer.weight is weight and torch.equal(weight, before) and layer.merged is False
+    with torch.no_grad():
+        layer.lora.lora_B[0, 0] = math.nan
+    with pytest.raises(ValueError, match="would produce non-finite weights"):
+        layer.merged_weight()
+    assert torch.equal(weight, before)
 
 
 def test_lora_layer_dropout_applies_to_its_input() -> None:
@@ -279,11 +324,11 @@ def test_lora_layer_dropout_applies_to_its_input() -> None:
     torch.testing.assert_close(lora.eval()(x), lora.scaling * x @ lora.lora_A.t() @ lora.lora_B.t())
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
-def test_dropout_applies_to_the_adapter_input_only(fused: bool) -> None:
+@_LAYER_CLASSES
+def test_dropout_applies_to_the_adapter_input_only(layer_class: type[LoRALinear]) -> None:
     # PEFT's lora_dropout: y = W x + b + s · B A dropout(x). Same RNG state → same mask.
     p = 0.5
-    layer = LoRALinear(nn.Linear(10, 6), rank=3, alpha=2.0, dropout=p, fused=fused)
+    layer = layer_class(nn.Linear(10, 6), rank=3, alpha=2.0, dropout=p)
     _randomise_adapter(layer.lora)
     x = _randn(8, 10, seed=5)
     torch.manual_seed(99)
@@ -343,7 +388,7 @@ def test_training_step_never_materialises_delta_w() -> None:
     assert not ops, f"LoRALayer built a d_out × d_in tensor in forward/backward: {ops}"
     assert lora.lora_A.grad is not None and lora.lora_B.grad is not None  # backward did run
 
-    # Control: the seed's forward materialises B·A, and the recorder does see it.
+    # Control: the course's forward materialises B·A, and the recorder does see it.
     with _OutputShapeRecorder() as control:
         _forward_backward(lambda t: _seed_style_delta(lora, t), x)
     assert any(shape in full_shapes for _, shape in control.shapes)
@@ -370,15 +415,18 @@ def test_training_step_costs_factorised_flops() -> None:
 # --------------------------------------------------------------------------- merge / unmerge
 
 
-def _adapted_linear(bias: bool = True, dtype: torch.dtype = torch.float32) -> LoRALinear:
-    layer = LoRALinear(nn.Linear(10, 6, bias=bias, dtype=dtype), rank=3, alpha=6.0)
+def _adapted_linear(
+    bias: bool = True, dtype: torch.dtype = torch.float32, layer_class: type[LoRALinear] = LoRALinear
+) -> LoRALinear:
+    layer = layer_class(nn.Linear(10, 6, bias=bias, dtype=dtype), rank=3, alpha=6.0)
     _randomise_adapter(layer.lora)
     return layer
 
 
+@_LAYER_CLASSES
 @pytest.mark.parametrize("bias", [True, False])
-def test_merge_keeps_outputs_and_unmerge_restores_weights(bias: bool) -> None:
-    layer = _adapted_linear(bias=bias)
+def test_merge_keeps_outputs_and_unmerge_restores_weights(bias: bool, layer_class: type[LoRALinear]) -> None:
+    layer = _adapted_linear(bias=bias, layer_class=layer_class)
     x = _randn(2, 4, 10, seed=5)
     unmerged_out = layer(x)
     weight_before = layer.original_layer.weight.detach().clone()
@@ -450,9 +498,9 @@ def test_merge_that_overflows_the_weight_dtype_is_refused() -> None:
 # --------------------------------------------------------------------------- gradients
 
 
-@_FUSED
-def test_backward_reaches_only_the_adapter(fused: bool) -> None:
-    layer = LoRALinear(nn.Linear(10, 6), rank=3, alpha=2.0, fused=fused)
+@_LAYER_CLASSES
+def test_backward_reaches_only_the_adapter(layer_class: type[LoRALinear]) -> None:
+    layer = layer_class(nn.Linear(10, 6), rank=3, alpha=2.0)
     x = _randn(2, 4, 10, seed=5)
     layer(x).square().sum().backward()
     assert layer.original_layer.weight.grad is None
@@ -465,10 +513,11 @@ def test_backward_reaches_only_the_adapter(fused: bool) -> None:
     assert torch.count_nonzero(grad_b) > 0
 
 
-def test_seed_optimiser_recipe_trains_only_the_adapter() -> None:
+@_LAYER_CLASSES
+def test_seed_optimiser_recipe_trains_only_the_adapter(layer_class: type[LoRALinear]) -> None:
     base = nn.Linear(10, 6)
     frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
-    layer = LoRALinear(base, rank=4, alpha=1.0)
+    layer = layer_class(base, rank=4, alpha=1.0)
     a0, b0 = layer.lora.lora_A.detach().clone(), layer.lora.lora_B.detach().clone()
     lora_model = layer
     optimizer = torch.optim.AdamW(filter(lambda p: p.requires_grad, lora_model.parameters()), lr=1e-3)
@@ -504,10 +553,10 @@ def test_gradcheck_lora_layer_float64() -> None:
     assert torch.autograd.gradcheck(_functional(lora, "lora_A", "lora_B"), (x, a, b))
 
 
-@_FUSED
+@_LAYER_CLASSES
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_gradcheck_lora_linear_float64(use_rslora: bool, fused: bool) -> None:
-    layer = LoRALinear(nn.Linear(5, 4, dtype=torch.float64), rank=2, alpha=3.0, use_rslora=use_rslora, fused=fused)
+def test_gradcheck_lora_linear_float64(use_rslora: bool, layer_class: type[LoRALinear]) -> None:
+    layer = layer_class(nn.Linear(5, 4, dtype=torch.float64), rank=2, alpha=3.0, use_rslora=use_rslora)
     x = _randn(2, 3, 5, seed=1, dtype=torch.float64).requires_grad_()
     a = _randn(2, 5, seed=2, dtype=torch.float64).requires_grad_()
     b = _randn(4, 2, seed=3, dtype=torch.float64).requires_grad_()
@@ -565,7 +614,7 @@ def test_bad_dropout_or_rslora_is_refused(option: str, value: object, error: typ
 
 @pytest.mark.parametrize("init", ["xavier", "Kaiming", "", None])
 def test_bad_init_is_refused(init: object) -> None:
-    with pytest.raises(ValueError, match=r"init must be one of \('kaiming', 'gaussian', 'seed'\), got"):
+    with pytest.raises(ValueError, match=r"init must be one of \('kaiming', 'gaussian', 'course'\), got"):
         LoRALayer(8, 8, 4, 1.0, init=init)
 
 
@@ -586,6 +635,7 @@ _batch_shapes = st.lists(st.integers(min_value=1, max_value=4), min_size=0, max_
 _seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
 
+@_LAYER_CLASSES
 @settings(max_examples=40, deadline=None)
 @given(
     in_features=_features,
@@ -598,6 +648,7 @@ _seeds = st.integers(min_value=0, max_value=2**31 - 1)
     seed=_seeds,
 )
 def test_property_fresh_adapter_is_identity(
+    layer_class: type[LoRALinear],
     in_features: int,
     out_features: int,
     rank: int,
@@ -609,7 +660,7 @@ def test_property_fresh_adapter_is_identity(
 ) -> None:
     base = _linear(in_features, out_features, bias=bias, seed=seed)
     reference = copy.deepcopy(base)
-    layer = LoRALinear(base, rank=rank, alpha=alpha, init=init)
+    layer = layer_class(base, rank=rank, alpha=alpha, init=init)
     x = _randn(*batch_shape, in_features, seed=seed)
     assert torch.equal(layer(x), reference(x))
     # Parameters a LoRALinear adds: exactly r·(in + out), all trainable; the base's are frozen.
@@ -619,6 +670,7 @@ def test_property_fresh_adapter_is_identity(
     assert frozen == in_features * out_features + (out_features if bias else 0)
 
 
+@_LAYER_CLASSES
 @settings(max_examples=40, deadline=None)
 @given(
     in_features=_features,
@@ -631,6 +683,7 @@ def test_property_fresh_adapter_is_identity(
     seed=_seeds,
 )
 def test_property_merge_preserves_outputs(
+    layer_class: type[LoRALinear],
     in_features: int,
     out_features: int,
     rank: int,
@@ -641,7 +694,7 @@ def test_property_merge_preserves_outputs(
     seed: int,
 ) -> None:
     base = _linear(in_features, out_features, bias=bias, seed=seed)
-    layer = LoRALinear(base, rank=rank, alpha=alpha, use_rslora=use_rslora)
+    layer = layer_class(base, rank=rank, alpha=alpha, use_rslora=use_rslora)
     _randomise_adapter(layer.lora, seed=seed + 2)
     x = _randn(*batch_shape, in_features, seed=seed + 7)
     unmerged = layer(x)
@@ -669,12 +722,13 @@ def test_property_merge_preserves_outputs(
     assert ((layer.original_layer.weight.double() - weight_before.double()).abs() <= weight_tolerance).all()
 
 
-def test_merge_never_writes_through_a_shared_weight_and_unmerge_is_exact():
+@_LAYER_CLASSES
+def test_merge_never_writes_through_a_shared_weight_and_unmerge_is_exact(layer_class: type[LoRALinear]):
     torch.manual_seed(0)
     embedding = nn.Embedding(10, 6)
     head = nn.Linear(6, 10, bias=False)
     head.weight = embedding.weight  # tied, as in GPT-2
-    layer = LoRALinear(head, rank=2, alpha=4.0)
+    layer = layer_class(head, rank=2, alpha=4.0)
     with torch.no_grad():
         layer.lora.lora_B.normal_()
     tied_before = embedding.weight.detach().clone()

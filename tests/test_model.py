@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +14,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from lora_lab.inject import apply_lora_to_model, lora_modules, merge_lora
+import lora_lab
+import lora_lab.model
+from lora_lab.lora.inject import apply_lora_to_model, lora_modules, merge_lora
 from lora_lab.model import (
-    CONFIG_METADATA_KEY,
     GPT,
     GPTConfig,
     KVCache,
@@ -24,8 +27,9 @@ from lora_lab.model import (
     parameter_shapes,
     read_checkpoint_metadata,
     save_checkpoint,
-    select_device,
 )
+from lora_lab.model.checkpoint import CONFIG_METADATA_KEY
+from lora_lab.runtime import select_device
 
 VOCAB = 37
 
@@ -118,6 +122,68 @@ def test_parameter_shapes_and_count_match_the_model(bias):
     per_block = 12 * d * d + (13 * d if bias else 2 * d)
     head = (2 * d if bias else d) + VOCAB * d
     assert parameter_count(config) == (VOCAB + 16) * d + 2 * per_block + head
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        small_config(),
+        small_config(bias=False, n_layer=3, vocab_size=5, block_size=7),
+        GPTConfig(vocab_size=65, block_size=64, n_layer=1, n_head=2, n_embd=24, dropout=0.1),
+    ],
+    ids=["small", "no-bias", "one-layer"],
+)
+def test_parameter_shapes_draw_no_random_number_and_match_a_built_model(config):
+    # Checkpoints are checked against parameter_shapes before any model is built: it must cost no
+    # memory and no random draw (loading a checkpoint would otherwise move the caller's RNG).
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    shapes = parameter_shapes(config)
+    count = parameter_count(config)
+    assert torch.equal(torch.get_rng_state(), state)
+    model = GPT(config)
+    assert not torch.equal(torch.get_rng_state(), state)  # the control: building a real GPT does draw
+    assert shapes == {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert list(shapes) == list(model.state_dict())  # state_dict's order too
+    assert count == model.num_parameters()
+
+
+def _lora_imports(source: str) -> list[str]:
+    """The import statements of a module of lora_lab.model that reach lora_lab.lora."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            names = [alias.name for alias in node.names]
+            if node.level == 0:
+                module = node.module or ""
+                hit = module == "lora_lab.lora" or module.startswith("lora_lab.lora.") or (
+                    module == "lora_lab" and "lora" in names
+                )
+            elif node.level == 2:  # from lora_lab.model.x: ".." is lora_lab
+                hit = (node.module or "").split(".")[0] == "lora" or (node.module is None and "lora" in names)
+            else:  # ".x" is lora_lab.model.x
+                hit = False
+        elif isinstance(node, ast.Import):
+            hit = any(alias.name == "lora_lab.lora" or alias.name.startswith("lora_lab.lora.") for alias in node.names)
+        else:
+            continue
+        if hit:
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_the_model_package_does_not_import_lora():
+    # lora_lab.model is the base model alone; adapters wrap it from lora_lab.lora, never the reverse.
+    # (Importing lora_lab.model in a fresh process would not show it: lora_lab/__init__ imports lora.)
+    for line in ("from ..lora.layers import LoRALinear", "from ..lora import LoRALinear", "from .. import lora",
+                 "import lora_lab.lora.inject", "from lora_lab.lora import merge_lora", "from lora_lab import lora"):
+        assert _lora_imports(line) == [line], line  # the check itself can see each spelling
+    assert _lora_imports("from ..seeding import make_generator\nfrom .gpt import GPT") == []
+    sources = sorted(Path(lora_lab.model.__file__).parent.glob("*.py"))
+    assert {"__init__.py", "gpt.py", "checkpoint.py"} <= {path.name for path in sources}
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        assert _lora_imports(text) == [], f"{path.name} imports lora_lab.lora"
 
 
 def test_parameter_count_near_the_course_models_8_2m():
@@ -373,7 +439,10 @@ def test_save_checkpoint_refusals_leave_the_file_unchanged(model, tmp_path):
     with pytest.raises(ValueError, match="must map str to str"):
         save_checkpoint(model, path, extra_metadata={"step": 10})
     lora_model = apply_lora_to_model(model, target_modules=["q", "v"])
-    with pytest.raises(ValueError, match=r"holds LoRA layers .*merge_lora"):
+    message = (r"holds tensors that a GPT checkpoint has no place for \(blocks\.0\.attn\.q\.lora\.lora_A, .*\); "
+               r"for LoRA layers save lora_lab\.merge_lora\(model\) instead, or the adapters alone "
+               r"\(lora_lab\.save_adapter\)")
+    with pytest.raises(ValueError, match=message):
         save_checkpoint(lora_model, path)
     with pytest.raises(TypeError, match="saves a lora_lab GPT"):
         save_checkpoint(nn.Linear(2, 2), path)
@@ -441,6 +510,7 @@ def test_load_checkpoint_content_errors(model, tmp_path):
 
 
 def test_select_device(monkeypatch):
+    assert lora_lab.select_device is select_device  # also the package's top-level name
     assert select_device("cpu") == torch.device("cpu")
     assert select_device().type in {"cuda", "mps", "cpu"}
     with pytest.raises(ValueError, match="unknown device 'gpu'"):

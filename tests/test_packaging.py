@@ -65,3 +65,14 @@ def test_package_version_is_single_sourced():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lora_lab.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", lora_lab.__version__)
+
+
+def test_license_is_an_spdx_expression_and_every_subpackage_is_packaged():
+    """A TOML-table license makes setuptools ≥ 77 print a deprecation warning on every install;
+    the package lists its subpackages by discovery, so a new folder is never left out of a wheel."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "MIT"
+    assert "setuptools>=77" in pyproject["build-system"]["requires"]  # the first to read SPDX strings
+    assert pyproject["tool"]["setuptools"]["packages"] == {"find": {"include": ["lora_lab*"]}}
+    folders = {p.parent.name for p in (ROOT / "lora_lab").glob("*/__init__.py")}
+    assert {"lora", "model", "data", "training", "experiment", "analysis", "checks"} <= folders

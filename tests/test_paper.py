@@ -13,6 +13,7 @@ import errno
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_has_the_expected_sections(built, title):
 
 def test_has_the_errata_box_and_the_fixture_note(built):
     text = built["text"]
-    assert "Errata: what the seed gets wrong" in text
+    assert "Errata: what the course gets wrong" in text
     # The fixture marks itself; the PDF must print that on its title page.
     assert "TEST FIXTURE" in text.split("Contents")[0]
 
@@ -128,7 +129,28 @@ def test_numbers_come_from_results_json(built):
         assert f"{models[name]['target_ppl']:.3f}" in text, name
         assert f"{models[name]['source_ppl']:.3f}" in text, name
     assert f"{models['lora']['trainable_params']:,}" in text
-    assert f"{models['lora_seed']['trainable_params']:,}" in text
+    assert f"{models['lora_course']['trainable_params']:,}" in text
+    assert f"LoRA (course) {models['lora_course']['target_ppl']:.3f}" in " ".join(text.split())
+
+
+def test_the_course_is_named_the_course_and_seed_means_a_random_seed(built):
+    """The course module this project grew from is "the course"; "seed" is only ever a random seed."""
+    flat = " ".join(built["text"].split())
+    assert "from here on, the course" in flat
+    assert "with LoRA using the course’s recipe" in flat
+    assert "The course’s recipe uses r = 4" in flat  # the scaling chapter reads recipes.lora_course
+    assert "the course’s recipe only" in flat  # the experiment chapter reads models.lora_course
+    uses = set(re.findall(r"(\w+) seeds?\b", flat, flags=re.IGNORECASE))
+    assert uses == {"Random", "random", "one", "between", "several", "single"}, uses
+
+
+def test_the_runs_claims_are_listed(built):
+    flat = " ".join(built["text"].split())
+    claims = _fixture_results()["claims"]
+    assert claims and all(claims.values())
+    for name in claims:
+        assert f"{name} (passed)" in flat, name
+    assert "All passed in this run." in flat
 
 
 def test_snapshot_holds_the_run_files(built):
@@ -157,8 +179,8 @@ def test_rebuilds_from_the_snapshot_alone_byte_for_byte(built, tmp_path, monkeyp
 
 def test_benchmark_figures_come_from_bench_json(built):
     text = built["text"]
-    # The errata's measured slowdown of the seed's layer, no longer typed by hand.
-    assert f"{_bench_ratio('train.7m.seed_vs_full'):.2f}×" in text
+    # The errata's measured slowdown of the course's layer, no longer typed by hand.
+    assert f"{_bench_ratio('train.7m.course_vs_full'):.2f}×" in text
     assert "1.8×" not in text
     for row_id in (
         "train.cpu.lora_lab_vs_full",
@@ -170,14 +192,17 @@ def test_benchmark_figures_come_from_bench_json(built):
         "infer.7m.unmerged_vs_base",
         "train.cpu.frozen_vs_full",  # the floor: in the table and in the text after it
         "train.7m.frozen_vs_full",
+        "train.cpu.course_vs_full",  # the course's layer, in the table
     ):
         assert f"{_bench_ratio(row_id):.2f}×" in text, row_id
     assert "BitFit" in text
-    assert f"{100 * _bench_ratio('memory.seed.lora_lab_vs_full'):.0f}%" in text
-    assert f"{100 * _bench_ratio('memory.seed.frozen_vs_full'):.0f}%" in text
-    assert f"{100 * _bench_ratio('memory.seed.small_batch.lora_lab_vs_full'):.0f}%" in text
+    assert f"{100 * _bench_ratio('memory.course.lora_lab_vs_full'):.0f}%" in text
+    assert f"{100 * _bench_ratio('memory.course.frozen_vs_full'):.0f}%" in text
+    assert f"{100 * _bench_ratio('memory.course.small_batch.lora_lab_vs_full'):.0f}%" in text
     # The machine, and the warning that it was busy (the fixture says so).
     flat = " ".join(text.split())
+    assert "The course’s layer (ΔW built) 1.55× 1.65×" in flat  # both models' ratios, in the table
+    assert "measures the same effect on its course profile" in flat
     assert "TEST FIXTURE CPU, 1 torch thread on 2 logical cores" in flat
     assert "the machine was busy during the run (load average up to 4.4 on 2 cores)" in flat
     # The round-to-round spread the experiment chapter quotes: min and max of the fixture's rounds.
@@ -185,25 +210,61 @@ def test_benchmark_figures_come_from_bench_json(built):
 
 
 def test_profile_settings_are_read_not_typed(tmp_path):
-    """The fine-tuning epochs and the split shares follow results.json."""
+    """The settings table (nested profile_settings) and the split shares follow results.json."""
     run = _copy_fixture(tmp_path / "run")
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
-    results["profile_settings"]["finetune_epochs"] = 37.0
+    settings = results["profile_settings"]
+    settings["finetune"]["epochs"] = 37.0
+    settings["pretrain"].update(epochs=6.0, lr=0.0025)
+    settings["model"].update(n_layer=3, n_head=8, block_size=96)
+    settings.update(batch_size=48, seed=7)
+    settings["full"]["lr"] = 0.0004
     sizes = results["split_sizes"]
     sizes.update(source_train=600, source_val=100, target_train=270, target_val=30)
     (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
     text = _text(paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None))
     flat = " ".join(text.split())
     assert "Fine-tuning epochs (every run) 37" in flat
+    assert "its LoRA recipes; s = α/r; “all linear”: every nn.Linear" in flat
+    assert "LoRA run r α s lr Adapted LoRA (course) 4 1 0.250 1e−3 all linear LoRA (tuned) 8 16 2.000 3e−3" in flat
+    for label, value in (
+        ("Transformer blocks", "3"),
+        ("Attention heads", "8"),
+        ("Context length (characters)", "96"),
+        ("Batch size (sequences)", "48"),
+        ("Pre-training epochs", "6"),
+        ("Pre-training learning rate", "2.5e−3"),
+        ("Full fine-tuning learning rate", "4e−4"),
+        ("Random seed", "7"),
+    ):
+        assert f"{label} {value} " in flat, label
     assert "the first 70% is the source part" in flat
     assert "keeps its last 14% for validation, the target part its last 10%" in flat
+
+
+def test_a_recipe_with_its_own_epochs_and_rslora_is_shown_as_such(tmp_path):
+    """A recipe may set its own epochs (then the table says so per recipe and the text stops
+    claiming equal budgets) and use rsLoRA (then s = alpha / sqrt(r))."""
+    run = _copy_fixture(tmp_path / "run")
+    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    for recipes in (results["recipes"], results["profile_settings"]["recipes"]):
+        recipes["lora"].update(epochs=12.0, use_rslora=True)
+    (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    text = _text(paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None))
+    flat = " ".join(text.split())
+    assert "Fine-tuning epochs (default) 5" in flat and "(every run)" not in flat
+    assert "LoRA run r α s lr Epochs Adapted" in flat
+    assert "its LoRA recipes; s = α/r (α/√r for rsLoRA recipes); “all linear”: every nn.Linear" in flat
+    assert "LoRA (course) 4 1 0.250 1e−3 5 all linear LoRA (tuned) 8 16 5.657 3e−3 12 all linear" in flat  # 16/√8
+    assert "so s = 5.657 (rsLoRA, s = α/√r)" in flat
+    assert "for the same number of epochs" not in flat and "in its own number of epochs" in flat
 
 
 def test_without_bench_json_the_text_says_how_to_produce_it(tmp_path):
     out = paper_build.build(FIXTURE, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None)
     flat = " ".join(_text(out).split())
     assert "were not part of this build; make bench measures them" in flat
-    assert f"{_bench_ratio('train.7m.seed_vs_full'):.2f}×" not in flat
+    assert f"{_bench_ratio('train.7m.course_vs_full'):.2f}×" not in flat
     assert "TEST FIXTURE CPU" not in flat
     assert not (tmp_path / "data" / "bench.json").exists()
 
@@ -215,7 +276,7 @@ def test_a_quick_bench_run_is_not_quoted(tmp_path):
     out = paper_build.build(FIXTURE, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", bench=tmp_path / "quick.json")
     flat = " ".join(_text(out).split())
     assert "--quick smoke run" in flat
-    assert f"{_bench_ratio('train.7m.seed_vs_full'):.2f}×" not in flat
+    assert f"{_bench_ratio('train.7m.course_vs_full'):.2f}×" not in flat
 
 
 def test_run_dir_takes_the_benchmark_suites_latest_results(tmp_path, monkeypatch):
@@ -322,7 +383,7 @@ def test_a_shorter_sweep_says_so(built, tmp_path):
     for entry in sweep["runs"]:
         entry["epochs"] = 2.0
     (run / "sweep.json").write_text(json.dumps(sweep), encoding="utf-8")
-    finetune_epochs = _fixture_results()["profile_settings"]["finetune_epochs"]
+    finetune_epochs = _fixture_results()["profile_settings"]["finetune"]["epochs"]
     assert finetune_epochs > 2.0
 
     pdf = paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None)
@@ -371,10 +432,84 @@ def test_invalid_results_leave_snapshot_and_pdf_unchanged(built, tmp_path):
         paper_build.build(run, data_dir=data, out=out, bench=None)
     assert "models.full is missing" in str(error.value)
     assert "models.lora.target_ppl must be a finite perplexity >= 1" in str(error.value)
+    assert str(error.value).endswith("Rerun `lora-lab run` (or `make pdf`) to regenerate it.")
 
     assert _state(data) == before
     assert out.read_bytes() == b"the previous PDF"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.pdf", "run"]
+
+
+def _old_schema(results: dict) -> None:
+    """``results`` as lora_lab wrote it before its refactor: the course's recipe called
+    ``lora_seed``, ``checks`` for ``claims``, and a flat ``profile_settings``."""
+    for section in ("models", "recipes", "histories"):
+        results[section] = {("lora_seed" if k == "lora_course" else k): v for k, v in results[section].items()}
+    results["recipes"]["lora_seed"]["name"] = "lora_seed"
+    results["checks"] = results.pop("claims")
+    nested = results["profile_settings"]
+    results["profile_settings"] = {
+        "name": nested["name"],
+        **nested["model"],
+        "batch_size": nested["batch_size"],
+        "pretrain_epochs": nested["pretrain"]["epochs"],
+        "pretrain_lr": nested["pretrain"]["lr"],
+        "finetune_epochs": nested["finetune"]["epochs"],
+        "full_lr": nested["full"]["lr"],
+        "seed": nested["seed"],
+    }
+
+
+def _broken_history(results: dict) -> None:
+    del results["histories"]["lora"]["train_loss"]
+
+
+def _both(results: dict) -> None:
+    _old_schema(results)
+    results["recipes"]["lora_seed"]["rank"] = 0
+
+
+OLD_NAMES = (
+    "'checks' is not a field of results.json (an older lora_lab's? 'checks' is now 'claims')",
+    "profile_settings must be nested as Profile.to_dict writes it",
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "problems"),
+    [
+        (_old_schema, ("does not match the contract", *OLD_NAMES)),
+        (_broken_history, ("does not match the contract", "histories.lora must have 'train_loss' (numbers)")),
+        (  # every problem at once: the contract's, then the old names
+            _both,
+            ("does not match the contract", "recipes.lora_seed must have a positive int 'rank'", *OLD_NAMES),
+        ),
+        (
+            lambda r: r["recipes"]["lora_course"].update(target_modules="q"),
+            ("recipes.lora_course.target_modules must be null or a list of module names",),
+        ),
+        (
+            lambda r: r["profile_settings"]["model"].update(n_embd=0),
+            ("profile_settings.model.n_embd must be a positive integer, got 0",),
+        ),
+        (lambda r: r["claims"].update(no_model_below_floor="yes"), ("claims must map claim names to true/false",)),
+        (lambda r: r["histories"]["full"].update(val_loss=[1, 2]), ("histories.full must have",)),
+    ],
+    ids=["old-schema", "broken-history", "old-schema-and-broken-recipe", "recipe", "settings", "claims", "val-loss"],
+)
+def test_old_schema_or_broken_results_are_refused_and_nothing_is_written(tmp_path, change, problems):
+    run = _copy_fixture(tmp_path / "run")
+    results = _fixture_results()
+    change(results)
+    (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
+
+    with pytest.raises(paper_build.BuildError) as error:
+        paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", bench=None)
+    message = str(error.value)
+    assert message.startswith(str((run / "results.json").resolve()))
+    for problem in problems:
+        assert problem in message, problem
+    assert message.endswith("\nRerun `lora-lab run` (or `make pdf`) to regenerate it.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no snapshot, no PDF
 
 
 def test_nan_and_broken_figures_are_rejected(tmp_path):

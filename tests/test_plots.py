@@ -14,16 +14,32 @@ import torch
 from matplotlib import pyplot as plt
 from matplotlib.text import Text
 
-from lora_lab.analysis import plot_rank_sweep, plot_spectrum
-from lora_lab.plots import _log_ticks, plot_loss_curves, plot_perplexities
-from lora_lab.train import TrainResult
+from lora_lab.analysis import (
+    LABELS,
+    MODEL_COLORS,
+    TICK_LABELS,
+    plot_loss_curves,
+    plot_perplexities,
+    plot_rank_sweep,
+    plot_spectrum,
+)
+from lora_lab.analysis.figures import _log_ticks
+from lora_lab.experiment.config import PROFILES
+from lora_lab.training import TrainHistory
 
 FLOORS = {"target": 1.577, "source": 1.679}
 
 
 def _models(target: list[float], source: list[float]) -> dict[str, dict]:
-    names = ("base", "lora_seed", "lora", "full")
+    names = ("base", "lora_course", "lora", "full")
     return {n: {"target_ppl": t, "source_ppl": s} for n, t, s in zip(names, target, source)}
+
+
+def test_every_model_of_every_profile_has_a_colour_and_labels():
+    for profile in PROFILES.values():
+        names = {"base", "full", *(recipe.name for recipe in profile.recipes)}
+        assert names <= set(MODEL_COLORS) and names <= set(LABELS) and names <= set(TICK_LABELS), profile.name
+    assert LABELS["lora_course"] == "LoRA, course recipe" and TICK_LABELS["lora_course"] == "LoRA\n(course)"
 
 
 def _visible_texts(fig) -> list[Text]:
@@ -66,9 +82,11 @@ def _paper_text_width_inches() -> float:
 def test_report_figures_print_at_8_pt_or_more():
     """The PDF places every figure at its full text width, so a text of s pt in a figure w inches
     wide prints at s · text width / w pt."""
-    history = TrainResult([3.0, 2.0, 1.0], [(0, 3.0), (2, 1.0)], 1.0, 3)
-    runs = [{"rank": r, "alpha": 16.0, "target_ppl": 3.0 - 0.1 * r, "source_ppl": 2.5, "trainable_params": 100 * r}
-            for r in (1, 2, 4)]
+    history = TrainHistory([3.0, 2.0, 1.0], [(0, 3.0), (2, 1.0)], 1.0, 3)
+    runs = [
+        {"rank": r, "alpha": 16.0, "target_ppl": 3.0 - 0.1 * r, "source_ppl": 2.5, "trainable_params": 100 * r}
+        for r in (1, 2, 4)
+    ]
     generator = torch.Generator().manual_seed(0)
     deltas = {f"blocks.{i}.attn.q": torch.randn(16, 16, generator=generator) for i in range(2)}
     figures = [

@@ -3,9 +3,12 @@
 It imitates what ``lora-lab run`` writes (``results.json``, ``sweep.json`` and the PNG
 figures) and, as ``bench.json``, what the benchmark suite writes (``benchmarks/results/latest.json``),
 so that the companion reading (``paper/``) can be built and tested without running any
-experiment. Every number here is made up — plausible for the cpu profile's
-0.8M-parameter character GPT on the built-in corpus, but not measured — and ``results.json``
-says so in its ``note`` field, which the PDF prints on its title page. Regenerate with::
+experiment. Every number here is made up — plausible for a cpu-profile-like 0.8M-parameter
+character GPT on the built-in corpus, but not measured — and ``results.json`` says so in its
+``note`` field, which the PDF prints on its title page. ``results.json`` is built from lora_lab's
+own types (:class:`~lora_lab.experiment.results.RunResults`, :class:`~lora_lab.experiment.config.Profile`)
+and written by ``RunResults.to_json``, so its layout is the one ``lora-lab run`` writes; the bench
+ids and model keys follow ``benchmarks/bench.py``. Regenerate with::
 
     .venv/bin/python tests/data/paper_run/make_fixture.py
 """
@@ -21,13 +24,27 @@ matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lora_lab.experiment.config import (  # noqa: E402
+    COURSE_RECIPE,
+    TUNED_RECIPE,
+    FinetuneSettings,
+    FullFinetuneSettings,
+    LoRARecipe,
+    ModelSettings,
+    PretrainSettings,
+    Profile,
+)
+from lora_lab.experiment.results import ModelResult, RunResults  # noqa: E402
+from lora_lab.experiment.run import claims  # noqa: E402
+from lora_lab.training import TrainHistory  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 NOTE = (
     "TEST FIXTURE for tests/test_paper.py: hand-made, plausible numbers, NOT measured. "
     "Run make pdf to build the reading from a real lora-lab run."
 )
 
-# The cpu profile's GPT (4 blocks, d_model = 128, 34 characters) has 818,432 parameters; LoRA on
+# The fixture's GPT (4 blocks, d_model = 128, 34 characters) has 818,432 parameters; LoRA on
 # every nn.Linear (q, k, v, o, mlp.up, mlp.down of each block and lm_head) adds 9,378 per unit
 # of rank — the numbers lora_lab.count_parameters gives for that model.
 BASE_PARAMS = 818_432
@@ -44,19 +61,19 @@ def _model(
     artifact: int,
     valid: float,
     samples: tuple[str, ...],
-) -> dict:
+) -> ModelResult:
     """A results.json model entry; ``rank=None`` means every parameter is trained."""
     trainable = BASE_PARAMS if rank is None else rank * PARAMS_PER_RANK
-    return {
-        "target_ppl": target,
-        "source_ppl": source,
-        "trainable_params": trainable,
-        "total_params": BASE_PARAMS + (0 if rank is None else trainable),
-        "train_seconds": seconds,
-        "artifact_bytes": artifact,
-        "valid_target_rate": valid,
-        "samples": [p + s for p, s in zip(PROMPTS, samples, strict=True)],
-    }
+    return ModelResult(
+        target_ppl=target,
+        source_ppl=source,
+        trainable_params=trainable,
+        total_params=BASE_PARAMS + (0 if rank is None else trainable),
+        train_seconds=seconds,
+        artifact_bytes=artifact,
+        valid_target_rate=valid,
+        samples=[p + s for p, s in zip(PROMPTS, samples, strict=True)],
+    )
 
 
 MODELS = {
@@ -74,7 +91,7 @@ MODELS = {
             "the farmer feeds the pig.\n",
         ),
     ),
-    "lora_seed": _model(
+    COURSE_RECIPE: _model(
         2.2081,
         1.7229,
         4,
@@ -88,7 +105,7 @@ MODELS = {
             "the sailor sees the net.\n",
         ),
     ),
-    "lora": _model(
+    TUNED_RECIPE: _model(
         1.6724,
         1.7583,
         8,
@@ -119,76 +136,53 @@ MODELS = {
 }
 
 
-def _history(steps: int, seconds: float, start: float, end: float) -> dict:
-    """A short, made-up training history in lora_lab.train.TrainResult.to_dict()'s layout."""
+def _history(steps: int, seconds: float, start: float, end: float) -> TrainHistory:
+    """A short, made-up training history (a few points, where a real one has every step)."""
     points = np.linspace(0, steps, 6).astype(int)
     losses = end + (start - end) * np.exp(-points / (steps / 4))
-    return {
-        "train_loss": [round(float(v), 4) for v in losses],
-        "val_loss": [[int(s), round(float(v), 4)] for s, v in zip(points, losses, strict=True)],
-        "seconds": seconds,
-        "steps": steps,
-    }
+    return TrainHistory(
+        train_loss=[round(float(v), 4) for v in losses],
+        val_loss=[(int(s), round(float(v), 4)) for s, v in zip(points, losses, strict=True)],
+        seconds=seconds,
+        steps=steps,
+    )
 
 
-def _checks(models: dict) -> dict:
-    base, lora, full = models["base"], models["lora"], models["full"]
-    gap = base["target_ppl"] - full["target_ppl"]
-    return {
-        "lora_beats_base_on_target": lora["target_ppl"] < base["target_ppl"],
-        "lora_within_10pct_of_full": lora["target_ppl"] <= 1.10 * full["target_ppl"],
-        "lora_closes_70pct_of_gap": gap > 0 and base["target_ppl"] - lora["target_ppl"] >= 0.70 * gap,
-        "lora_forgets_less_than_full": lora["source_ppl"] < full["source_ppl"],
-        "lora_samples_80pct_valid": lora["valid_target_rate"] >= 0.80,
-        "no_model_below_floor": all(
-            m["target_ppl"] >= FLOORS["target"] and m["source_ppl"] >= FLOORS["source"] for m in models.values()
-        ),
-    }
+# The profile the fixture's run claims to have used: shaped like the cpu profile, with the
+# fixture's own (made-up) model and budget.
+PROFILE = Profile(
+    name="cpu",
+    model=ModelSettings(block_size=128, n_layer=4, n_head=4, n_embd=128),
+    pretrain=PretrainSettings(epochs=4.0, lr=3e-3),
+    finetune=FinetuneSettings(epochs=5.0),
+    recipes=(
+        LoRARecipe(COURSE_RECIPE, rank=4, alpha=1.0, lr=1e-3),
+        LoRARecipe(TUNED_RECIPE, rank=8, alpha=16.0, lr=3e-3),
+    ),
+    full=FullFinetuneSettings(lr=1e-3),
+    batch_size=32,
+    sample_tokens=200,
+)
 
-
-RESULTS = {
-    "note": NOTE,
-    "corpus": "builtin",
-    "profile": "cpu",
-    "entropy_floor_ppl": FLOORS,
-    "models": MODELS,
-    "recipes": {
-        "lora_seed": {"name": "lora_seed", "rank": 4, "alpha": 1.0, "lr": 0.001, "target_modules": None},
-        "lora": {"name": "lora", "rank": 8, "alpha": 16.0, "lr": 0.003, "target_modules": None},
-    },
-    "profile_settings": {
-        "name": "cpu",
-        "block_size": 128,
-        "n_layer": 4,
-        "n_head": 4,
-        "n_embd": 128,
-        "dropout": 0.0,
-        "builtin_chars": None,
-        "batch_size": 32,
-        "pretrain_epochs": 4.0,
-        "pretrain_lr": 0.003,
-        "lora_rank": 4,
-        "lora_alpha": 1.0,
-        "lora_lr": 0.001,
-        "finetune_epochs": 5.0,
-        "tuned_rank": 8,
-        "tuned_alpha": 16.0,
-        "tuned_lr": 0.003,
-        "full_lr": 0.001,
-        "sample_tokens": 200,
-        "seed": 0,
-    },
-    "corpus_sha256": "0" * 64,
-    "split_sizes": {"source_train": 288_000, "source_val": 32_000, "target_train": 72_000, "target_val": 8_000},
-    "machine": "x86_64 · 2 CPUs · torch 2.13.0 · 2 threads (fixture)",
-    "histories": {
+RESULTS = RunResults(
+    corpus="builtin",
+    profile=PROFILE.name,
+    entropy_floor_ppl=FLOORS,
+    models=MODELS,
+    recipes={recipe.name: recipe.to_dict() for recipe in PROFILE.recipes},
+    profile_settings=PROFILE.to_dict(),
+    corpus_sha256="0" * 64,
+    split_sizes={"source_train": 288_000, "source_val": 32_000, "target_train": 72_000, "target_val": 8_000},
+    machine="x86_64 · 2 CPUs · torch 2.13.0 · 2 threads (fixture)",
+    histories={
         "base": _history(2400, 412.7, 3.4, 0.56),
-        "lora_seed": _history(600, 58.9, 0.88, 0.79),
-        "lora": _history(600, 61.3, 0.88, 0.515),
+        COURSE_RECIPE: _history(600, 58.9, 0.88, 0.79),
+        TUNED_RECIPE: _history(600, 61.3, 0.88, 0.515),
         "full": _history(600, 74.8, 0.88, 0.494),
     },
-}
-RESULTS["checks"] = _checks(MODELS)
+    note=NOTE,
+)
+RESULTS.claims = claims(RESULTS)  # the main job's own claims, judged on the made-up numbers
 
 SWEEP_RANKS = (1, 2, 4, 8, 16, 32)
 SWEEP_TARGET = (1.7412, 1.7055, 1.6853, 1.6724, 1.6689, 1.6671)
@@ -208,26 +202,26 @@ SWEEP = {
 BENCH_MODELS = {
     "cpu": "cpu profile: d=128, 4 layers, 4 heads, block 128, vocab 34, 0.82M params, batch 32×128",
     "7m": "7.2M GPT: d=384, 4 layers, 6 heads, block 128, vocab 34, 7.20M params, batch 32×128",
-    "seed": "seed profile: d=408, 4 layers, 6 heads, block 256, vocab 34, 8.17M params, batch 64×256",
+    "course": "course profile: d=408, 4 layers, 6 heads, block 256, vocab 34, 8.17M params, batch 64×256",
 }
 BENCH_RATIOS = {
     "train.cpu.lora_lab_vs_full": 0.8812,
     "train.cpu.lora_lab_plain_vs_full": 1.1234,
     "train.cpu.peft_vs_full": 1.2755,
     "train.cpu.loralib_vs_full": 1.2199,
-    "train.cpu.seed_vs_full": 1.5521,
+    "train.cpu.course_vs_full": 1.5521,
     "train.cpu.frozen_vs_full": 0.7321,
     "train.7m.lora_lab_vs_full": 0.7466,
     "train.7m.lora_lab_plain_vs_full": 1.0143,
     "train.7m.peft_vs_full": 0.9588,
     "train.7m.loralib_vs_full": 1.0311,
-    "train.7m.seed_vs_full": 1.6543,
+    "train.7m.course_vs_full": 1.6543,
     "train.7m.frozen_vs_full": 0.6987,
     "infer.7m.unmerged_vs_base": 1.0234,
     "infer.7m.merged_vs_base": 0.9912,
-    "memory.seed.lora_lab_vs_full": 0.9611,
-    "memory.seed.frozen_vs_full": 0.7812,
-    "memory.seed.small_batch.lora_lab_vs_full": 0.8133,
+    "memory.course.lora_lab_vs_full": 0.9611,
+    "memory.course.frozen_vs_full": 0.7812,
+    "memory.course.small_batch.lora_lab_vs_full": 0.8133,
 }
 
 
@@ -285,15 +279,17 @@ def _save(fig: plt.Figure, name: str) -> None:
 
 
 def main() -> None:
-    (HERE / "results.json").write_text(json.dumps(RESULTS, indent=2, ensure_ascii=False) + "\n")
+    text = RESULTS.to_json()
+    RunResults.from_json(text)  # what paper/build.py will check; fails here rather than in the tests
+    (HERE / "results.json").write_text(text, encoding="utf-8")
     (HERE / "sweep.json").write_text(json.dumps(SWEEP, indent=2) + "\n")
     (HERE / "bench.json").write_text(json.dumps(BENCH, indent=2, ensure_ascii=False) + "\n")
 
-    # Two panels like lora_lab.plots.plot_loss_curves: pretraining left, fine-tuning right.
+    # Two panels like lora_lab.analysis.figures.plot_loss_curves: pretraining left, fine-tuning right.
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, names in ((left, ("base",)), (right, ("lora_seed", "lora", "full"))):
+    for ax, names in ((left, ("base",)), (right, (COURSE_RECIPE, TUNED_RECIPE, "full"))):
         for name in names:
-            steps, losses = zip(*RESULTS["histories"][name]["val_loss"], strict=True)
+            steps, losses = zip(*RESULTS.histories[name].val_loss, strict=True)
             ax.plot(steps, losses, "o-", label=name)
         ax.set(xlabel="step", ylabel="validation loss (nats/char)")
         ax.legend()
@@ -303,10 +299,10 @@ def main() -> None:
     _save(fig, "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    names = list(RESULTS["models"])
+    names = list(RESULTS.models)
     x = np.arange(len(names))
-    ax.bar(x - 0.2, [RESULTS["models"][n]["source_ppl"] for n in names], 0.4, label="source")
-    ax.bar(x + 0.2, [RESULTS["models"][n]["target_ppl"] for n in names], 0.4, label="target")
+    ax.bar(x - 0.2, [RESULTS.models[n].source_ppl for n in names], 0.4, label="source")
+    ax.bar(x + 0.2, [RESULTS.models[n].target_ppl for n in names], 0.4, label="target")
     ax.set_xticks(x, names)
     ax.set(ylabel="perplexity", title="Held-out perplexity")
     ax.legend()

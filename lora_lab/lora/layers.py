@@ -1,4 +1,4 @@
-"""The LoRA layer (Hu et al. 2021, arXiv 2106.09685), with the seed's API made right.
+"""The LoRA layer (Hu et al. 2021, arXiv 2106.09685), with the course's API made right.
 
 A frozen linear map ``y = x Wᵀ + b`` with ``W ∈ R^{d_out × d_in}`` is adapted by a
 trainable low-rank update ``ΔW = B A`` with ``B ∈ R^{d_out × r}``, ``A ∈ R^{r × d_in}``:
@@ -9,36 +9,22 @@ trainable low-rank update ``ΔW = B A`` with ``B ∈ R^{d_out × r}``, ``A ∈ R
 the paper's and Hugging Face PEFT's layout. B starts at zero, so a fresh adapter changes
 nothing. The adapter is always applied factorised (``(x Aᵀ) Bᵀ``): building ``ΔW`` under
 autograd would add a full ``d_out × d_in`` weight-gradient product to every backward pass,
-which is the cost LoRA exists to avoid (the seed's slip; see notebook 02).
+which is the cost LoRA exists to avoid (the course's slip; see notebook 02).
 """
 
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from .fused import _lora_linear
+from ..validation import check_flag, check_fraction, check_positive_int, check_positive_real
 
 __all__ = ["LoRALayer", "LoRALinear", "INIT_METHODS"]
 
 #: How ``lora_A`` may be initialised. B is always zero.
-INIT_METHODS = ("kaiming", "gaussian", "seed")
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _check_positive_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+INIT_METHODS = ("kaiming", "gaussian", "course")
 
 
 class LoRALayer(nn.Module):
@@ -55,7 +41,7 @@ class LoRALayer(nn.Module):
         dropout: dropout probability on the adapter's input (PEFT's ``lora_dropout``).
         init: how ``lora_A`` starts: ``"kaiming"`` (PEFT and loralib's
             ``kaiming_uniform_(a=√5)``, the default), ``"gaussian"`` (``N(0, 1/r²)``: std ``1/r``, PEFT's
-            ``init_lora_weights="gaussian"``) or ``"seed"`` (``randn · 0.01``, as the
+            ``init_lora_weights="gaussian"``) or ``"course"`` (``randn · 0.01``, as the
             original course module wrote it).
         use_rslora: scale by ``α / √r`` (Kalajdzievski 2023, "rank-stabilised LoRA").
     """
@@ -74,18 +60,15 @@ class LoRALayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
-        self.rank = _check_positive_int("rank", rank)
-        self.alpha = _check_positive_real("alpha", alpha)
-        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.rank = check_positive_int("rank", rank)
+        self.alpha = check_positive_real("alpha", alpha)
+        dropout = check_fraction("dropout", dropout)
         if init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
         self.init = init
-        if not isinstance(use_rslora, bool):  # bool("no") would be True: switch rsLoRA on by accident
-            raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
-        self.use_rslora = use_rslora
+        self.use_rslora = check_flag("use_rslora", use_rslora)
         self.scaling = self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **factory))
@@ -100,7 +83,7 @@ class LoRALayer(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             elif self.init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / self.rank)
-            else:  # "seed"
+            else:  # "course"
                 self.lora_A.copy_(torch.randn_like(self.lora_A) * 0.01)
             nn.init.zeros_(self.lora_B)
 
@@ -126,34 +109,24 @@ class LoRALinear(nn.Module):
 
     ``original_layer`` is frozen in place (its ``requires_grad`` is set to False) and stays
     the very same module object, so its weights are shared with whatever else holds it.
+    This is the readable layer the lessons build; :class:`lora_lab.lora.fused.FusedLoRALinear`
+    computes the same function faster and is what :func:`~lora_lab.apply_lora_to_model` uses
+    by default.
 
     Args:
         original_layer: the ``nn.Linear`` to adapt.
         rank, alpha: see :class:`LoRALayer`.
-        fused: the fast path, on by default: the same function computed by one custom
-            autograd Function (:func:`lora_lab.fused.lora_linear`) that skips the frozen
-            weight's gradient and the adapter's extra activation-sized passes.
-            ``fused=False`` uses the plain readable path ``original_layer(x) + lora(x)``.
-            Both give the same outputs and gradients up to float rounding; the plain path is
-            also taken, whatever ``fused`` says, where the fast one does not apply (autocast,
-            mixed dtypes, forward hooks on ``lora`` or ``original_layer``, subclasses that
-            override ``forward``), so behaviour never depends on the flag.
         **layer_options: forwarded to :class:`LoRALayer` (``dropout``, ``init``,
             ``use_rslora``).
     """
 
-    def __init__(
-        self, original_layer: nn.Linear, rank: int = 4, alpha: float = 1.0, *, fused: bool = True, **layer_options
-    ) -> None:
+    def __init__(self, original_layer: nn.Linear, rank: int = 4, alpha: float = 1.0, **layer_options) -> None:
         super().__init__()
         if not isinstance(original_layer, nn.Linear):
             raise TypeError(
                 f"LoRALinear wraps an nn.Linear, got {type(original_layer).__name__}; "
                 "use apply_lora_to_model to adapt a whole model"
             )
-        if not isinstance(fused, bool):
-            raise TypeError(f"fused must be True or False, got {fused!r}")
-        self.fused = fused
         self.original_layer = original_layer
         weight = original_layer.weight
         self.lora = LoRALayer(
@@ -190,35 +163,22 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.original_layer(x)
-        if self.fused:
-            # Each attribute is read once: nn.Module attribute lookups cost microseconds, which
-            # token-by-token generation pays per layer per token.
-            base, lora = self.original_layer, self.lora
-            weight, lora_A, lora_B = base.weight, lora.lora_A, lora.lora_B
-            if self._fast_path_applies(x, base, lora, weight, lora_A, lora_B):
-                # Dropout runs here, outside the fused Function, so autograd's dropout node keeps
-                # the mask, and the mask is the one lora(x) would draw. nn.Identity, or Dropout in
-                # eval, hands back x itself: the adapter then sees x, and the merged weight is allowed.
-                dropout = lora.dropout
-                x_lora = x if type(dropout) is nn.Identity else dropout(x)
-                return _lora_linear(x, weight, base.bias, lora_A, lora_B, lora.scaling, None if x_lora is x else x_lora)
         return self.original_layer(x) + self.lora(x)
 
-    @staticmethod
-    def _fast_path_applies(x, base, lora, weight, lora_A, lora_B) -> bool:
-        """Whether :func:`~lora_lab.fused.lora_linear` computes exactly what the plain path does."""
-        if type(base).forward is not nn.Linear.forward or type(lora).forward is not LoRALayer.forward:
-            return False  # a subclass computes something else
-        dropout = lora.dropout
-        if (base._forward_hooks or base._forward_pre_hooks or lora._forward_hooks or lora._forward_pre_hooks
-                or dropout._forward_hooks or dropout._forward_pre_hooks
-                or _global_forward_hooks or _global_forward_pre_hooks):
-            return False  # hooks must see the modules run
-        dtype = weight.dtype
-        if x.dtype != dtype or lora_A.dtype != dtype or lora_B.dtype != dtype or not x.is_floating_point():
-            return False  # mixed dtypes: the plain path's ops decide (and raise) as they always did
-        # Autocast casts per op: leave that to the ops it was written for.
-        return not torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + ΔW`` as a new tensor in the weight's dtype (``W`` itself is not touched).
+
+        Raises ``ValueError`` when the result would not be finite (an adapter holding NaN/inf,
+        or a sum that overflows the weight's dtype), so nothing non-finite is ever merged."""
+        weight = self.original_layer.weight
+        merged = weight + self.lora.delta_weight().to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                "would produce non-finite weights (the adapter holds NaN/inf or overflows the weight's dtype); "
+                "check the adapter's training"
+            )
+        return merged
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -235,12 +195,10 @@ class LoRALinear(nn.Module):
         if self.disabled:
             raise RuntimeError("cannot merge inside disable_lora(): the adapter is switched off; merge after the block")
         weight = self.original_layer.weight
-        merged_weight = weight + self.lora.delta_weight().to(weight.dtype)
-        if not torch.isfinite(merged_weight).all():
-            raise ValueError(
-                "merging would produce non-finite weights (the adapter holds NaN/inf or overflows the "
-                "weight's dtype); the layer was left unmerged — check the adapter's training"
-            )
+        try:
+            merged_weight = self.merged_weight()
+        except ValueError as error:
+            raise ValueError(f"merging {error}; the layer was left unmerged") from None
         self._unmerged_weight = weight
         self.original_layer.weight = nn.Parameter(merged_weight, requires_grad=weight.requires_grad)
         self.merged = True

@@ -1,4 +1,4 @@
-"""Measuring a character model: perplexity, bits per character, samples and their validity.
+"""Measuring a character model: perplexity and samples.
 
 Perplexity is ``exp`` of the mean negative log-likelihood per character over a held-out
 split. Windows are deterministic and overlap by half: every scored character (but those of
@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["mean_loss", "perplexity", "bits_per_char", "generate_samples", "NATS_TO_BITS"]
-
-NATS_TO_BITS = 1 / math.log(2)
+__all__ = ["mean_loss", "perplexity", "generate_samples"]
 
 
 def _windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
@@ -76,10 +74,6 @@ def mean_loss(
 def perplexity(model: nn.Module, data: torch.Tensor, block_size: int, **kwargs) -> float:
     """``exp(mean NLL per character)`` over ``data`` (see :func:`mean_loss`)."""
     return math.exp(mean_loss(model, data, block_size, **kwargs))
-
-
-def bits_per_char(model: nn.Module, data: torch.Tensor, block_size: int, **kwargs) -> float:
-    return mean_loss(model, data, block_size, **kwargs) * NATS_TO_BITS
 
 
 def generate_samples(

@@ -50,10 +50,15 @@ import math
 from typing import Literal
 
 import torch
+from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from .layers import LoRALayer, LoRALinear
 
 __all__ = [
-    "STRATEGIES", "MERGED_WEIGHT_CROSSOVER", "FACTORISED_CALL_OVERHEAD", "lora_linear", "choose_merged_weight",
+    "STRATEGIES", "MERGED_WEIGHT_CROSSOVER", "FACTORISED_CALL_OVERHEAD", "FusedLoRALinear", "lora_linear",
+    "choose_merged_weight",
 ]
 
 Strategy = Literal["auto", "merged", "factorised"]
@@ -236,3 +241,46 @@ def _lora_linear(
     ):
         return _LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, x_lora, scaling, merged)
     return _forward(x, weight, bias, lora_A, lora_B, x_lora, scaling, merged)  # inference: no autograd bookkeeping
+
+
+class FusedLoRALinear(LoRALinear):
+    """:class:`~lora_lab.lora.layers.LoRALinear` computed by :func:`lora_linear`: same outputs and
+    gradients up to float rounding, faster (no weight gradient for the frozen ``W``, no extra
+    activation-sized passes). :func:`~lora_lab.apply_lora_to_model` builds these by default.
+
+    The plain path, ``original_layer(x) + lora(x)``, is still taken wherever the fused one would
+    compute something else: under autocast, with mixed dtypes, with forward hooks on the wrapped
+    modules (they must see the modules run), and when a subclass overrides a ``forward``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.original_layer(x)
+        # Each attribute is read once: nn.Module attribute lookups cost microseconds, which
+        # token-by-token generation pays per layer per token.
+        base, lora = self.original_layer, self.lora
+        weight, lora_A, lora_B = base.weight, lora.lora_A, lora.lora_B
+        if not _fast_path_applies(x, base, lora, weight, lora_A, lora_B):
+            return base(x) + lora(x)
+        # Dropout runs here, outside the fused Function, so autograd's dropout node keeps the mask,
+        # and the mask is the one lora(x) would draw. nn.Identity, or Dropout in eval, hands back x
+        # itself: the adapter then sees x, and the merged weight is allowed.
+        dropout = lora.dropout
+        x_lora = x if type(dropout) is nn.Identity else dropout(x)
+        return _lora_linear(x, weight, base.bias, lora_A, lora_B, lora.scaling, None if x_lora is x else x_lora)
+
+
+def _fast_path_applies(x, base, lora, weight, lora_A, lora_B) -> bool:
+    """Whether :func:`lora_linear` computes exactly what ``original_layer(x) + lora(x)`` does."""
+    if type(base).forward is not nn.Linear.forward or type(lora).forward is not LoRALayer.forward:
+        return False  # a subclass computes something else
+    dropout = lora.dropout
+    if (base._forward_hooks or base._forward_pre_hooks or lora._forward_hooks or lora._forward_pre_hooks
+            or dropout._forward_hooks or dropout._forward_pre_hooks
+            or _global_forward_hooks or _global_forward_pre_hooks):
+        return False  # hooks must see the modules run
+    dtype = weight.dtype
+    if x.dtype != dtype or lora_A.dtype != dtype or lora_B.dtype != dtype or not x.is_floating_point():
+        return False  # mixed dtypes: the plain path's ops decide (and raise) as they always did
+    # Autocast casts per op: leave that to the ops it was written for.
+    return not torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import iterate_batches, total_steps
-from .evaluate import mean_loss
+from ..data.batches import iterate_batches, total_steps
+from .metrics import mean_loss
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainHistory", "train"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
+class TrainHistory:
     """Loss history of a run: ``train_loss[i]`` is the loss of step ``i``; ``val_loss`` is a
     list of ``(step, loss)``; ``seconds`` is wall-clock training time (validation excluded)."""
 
@@ -59,7 +59,7 @@ class TrainResult:
         return {"train_loss": self.train_loss, "val_loss": self.val_loss, "seconds": self.seconds, "steps": self.steps}
 
     @classmethod
-    def from_dict(cls, data: dict) -> TrainResult:
+    def from_dict(cls, data: dict) -> TrainHistory:
         return cls(
             [float(x) for x in data["train_loss"]],
             [(int(s), float(v)) for s, v in data["val_loss"]],
@@ -87,7 +87,8 @@ def train(
     device: torch.device | str = "cpu",
     desc: str = "training",
     progress: bool = True,
-) -> TrainResult:
+    restore_on_error: bool = True,
+) -> TrainHistory:
     """Train ``model`` (its parameters with ``requires_grad``) with AdamW on next-token
     prediction over ``train_data``, validating on ``val_data`` at the start, every
     ``steps // config.eval_points`` steps and after the last step.
@@ -95,7 +96,10 @@ def train(
     ``model(x, y)`` must return ``(logits, loss)`` (as :class:`lora_lab.model.GPT` does).
     A non-finite loss stops training with an error naming the step. On that error, and on any
     other (out of memory, a keyboard interrupt), the model is left as it was given: its
-    parameters restored, on its original device, in its original train/eval mode.
+    parameters restored, on its original device, in its original train/eval mode. Restoring
+    needs a copy of the trainable parameters, for full fine-tuning a second copy of the model:
+    a caller that trains a throwaway copy (as :mod:`lora_lab.experiment.stages` does) passes
+    ``restore_on_error=False`` and discards the model instead.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -103,10 +107,12 @@ def train(
     device = torch.device(device)
     given_device, given_mode = params[0].device, model.training
     # Kept so that a failed run leaves the model exactly as it was given.
-    snapshot = [p.detach().clone() for p in params]
+    snapshot = [p.detach().clone() for p in params] if restore_on_error else None
     try:
         return _train(model, params, train_data, val_data, config, block_size, device, desc, progress)
     except BaseException:
+        if snapshot is None:
+            raise
         model.to(given_device)
         with torch.no_grad():
             for param, saved in zip(params, snapshot):
@@ -125,7 +131,7 @@ def _train(
     device: torch.device,
     desc: str,
     progress: bool,
-) -> TrainResult:
+) -> TrainHistory:
     model.to(device)
     # Decay matrices only (as nanoGPT does): biases and LayerNorm gains are not decayed.
     decay = [p for p in params if p.dim() >= 2]
@@ -136,7 +142,7 @@ def _train(
     )
     steps = total_steps(len(train_data), block_size, config.batch_size, config.epochs)
     eval_every = max(1, steps // max(1, config.eval_points))
-    result = TrainResult(steps=steps)
+    result = TrainHistory(steps=steps)
 
     def validate(step: int) -> None:
         if val_data is not None:

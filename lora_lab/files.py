@@ -21,6 +21,7 @@ from safetensors.torch import save as safetensors_save
 
 __all__ = [
     "atomic_path",
+    "format_bytes",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -103,3 +104,12 @@ def atomic_save_safetensors(
 ) -> None:
     """A safetensors file (:func:`safetensors_bytes`), written atomically."""
     atomic_write_bytes(destination, safetensors_bytes(tensors, metadata))
+
+
+def format_bytes(n: float) -> str:
+    """A size for people, in powers of 1000 as disk sizes are: ``"79.6 KB"``, ``"1.7 MB"``."""
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

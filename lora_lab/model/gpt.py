@@ -8,28 +8,18 @@ file is enough to rebuild the model, and loading never unpickles anything.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn import functional as F
 
-from .io import atomic_save_safetensors
-from .layers import LoRALinear
-from .seeding import make_generator
+from ..seeding import make_generator
+from ..validation import check_fraction, check_positive_int
 
-__all__ = [
-    "GPTConfig", "GPT", "KVCache", "causal_mask", "parameter_shapes", "parameter_count",
-    "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata", "select_device",
-]
-
-CONFIG_METADATA_KEY = "lora_lab_config"
+__all__ = ["GPTConfig", "GPT", "KVCache", "causal_mask", "parameter_shapes", "parameter_count"]
 
 
 def _is_int(value: object) -> bool:
@@ -50,18 +40,14 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not (_is_int(value) and value > 0):
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-            object.__setattr__(self, name, int(value))  # numpy ints -> int, so the config stays JSON-able
+            # numpy ints -> int, so the config stays JSON-able
+            object.__setattr__(self, name, check_positive_int(f"GPTConfig.{name}", getattr(self, name)))
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): each head "
                 f"works on n_embd // n_head dimensions"
             )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, Real) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "dropout", check_fraction("GPTConfig.dropout", self.dropout))
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
 
@@ -87,27 +73,12 @@ class GPTConfig:
 
 
 def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor in ``GPT(config).state_dict()``, without building it
-    (checkpoints are checked against this; a test keeps it in step with the model)."""
-    d, V, shapes = config.n_embd, config.vocab_size, {}
-
-    def add(name: str, weight: tuple[int, ...], bias: bool = config.bias) -> None:
-        shapes[f"{name}.weight"] = weight  # nn.Linear stores W as (out, in): y = x Wᵀ + b
-        if bias:
-            shapes[f"{name}.bias"] = weight[:1]
-
-    add("wte", (V, d), bias=False)
-    add("wpe", (config.block_size, d), bias=False)
-    for i in range(config.n_layer):
-        add(f"blocks.{i}.ln_1", (d,))
-        for proj in "qkvo":
-            add(f"blocks.{i}.attn.{proj}", (d, d))
-        add(f"blocks.{i}.ln_2", (d,))
-        add(f"blocks.{i}.mlp.up", (4 * d, d))
-        add(f"blocks.{i}.mlp.down", (d, 4 * d))
-    add("ln_f", (d,))
-    add("lm_head", (V, d), bias=False)
-    return shapes
+    """Name and shape of every tensor in ``GPT(config).state_dict()``, read from a model built on
+    the ``meta`` device: no memory, no arithmetic, and no random number drawn (checkpoints are
+    checked against this before any real model is built)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = GPT(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def parameter_count(config: GPTConfig) -> int:
@@ -341,114 +312,3 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _check_shapes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    expected = parameter_shapes(config)
-
-    def listed(names: list[str]) -> str:
-        return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-
-    missing, extra = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
-    wrong = [f"{k} {shapes[k]} != {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
-    problems = [f"{what}: {listed(names)}" for what, names in
-                (("missing tensors", missing), ("unexpected tensors", extra), ("wrong shapes", wrong)) if names]
-    if problems:
-        raise ValueError(f"{source} does not match its config {config}: " + "; ".join(problems))
-
-
-def save_checkpoint(model: GPT, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
-    """Write ``model``'s weights and config to a safetensors file, atomically.
-
-    ``extra_metadata`` (str -> str, e.g. the tokenizer's alphabet or the training step) is
-    stored alongside; read it back with :func:`read_checkpoint_metadata`.
-    """
-    if not isinstance(model, GPT):
-        raise TypeError(f"save_checkpoint saves a lora_lab GPT, got {type(model).__name__}")
-    adapted = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-    if adapted:
-        raise ValueError(
-            f"the model holds LoRA layers ({', '.join(adapted[:4])}...), whose weights a GPT checkpoint has no "
-            "place for; save lora_lab.merge_lora(model) instead, or the adapters alone (lora_state_dict)"
-        )
-    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(model.config.to_dict(), sort_keys=True)}
-    extra = dict(extra_metadata or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
-        raise ValueError("extra_metadata must map str to str (safetensors metadata is text); use json.dumps for others")
-    clash = sorted(extra.keys() & metadata.keys())
-    if clash:
-        raise ValueError(f"extra_metadata may not set the reserved keys {clash}")
-    tensors = model.state_dict()
-    _check_shapes(model.config, {k: tuple(t.shape) for k, t in tensors.items()}, "the model")
-    atomic_save_safetensors(path, tensors, {**extra, **metadata})
-
-
-def _open(path: str | os.PathLike):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}; check the path (save one with save_checkpoint)")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except SafetensorError as err:
-        raise ValueError(
-            f"{path} is not a valid safetensors file ({err}); it may be truncated or corrupt, or another format "
-            "(e.g. a torch.save pickle, which lora_lab never loads) — save it again with save_checkpoint"
-        ) from err
-
-
-def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The text metadata of a checkpoint: ``format``, the config JSON and any extra entries."""
-    with _open(path) as f:
-        return dict(f.metadata() or {})
-
-
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
-    """Rebuild the :class:`GPT` saved by :func:`save_checkpoint` (weights bit-exact).
-
-    Names and shapes are checked against the stored config before any model is built.
-    """
-    with _open(path) as f:
-        raw = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
-        if raw is None:
-            raise ValueError(f"{path} has no {CONFIG_METADATA_KEY!r} metadata, so save_checkpoint did not write it")
-        try:
-            config = GPTConfig.from_dict(json.loads(raw))
-        except ValueError as err:  # json.JSONDecodeError is a ValueError too
-            raise ValueError(f"{path}: the stored model config is invalid: {err}") from err
-        names = f.keys()
-        _check_shapes(config, {k: tuple(f.get_slice(k).get_shape()) for k in names}, f"checkpoint {path}")
-        tensors = {k: f.get_tensor(k) for k in names}
-    not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())
-    if not_float:
-        raise ValueError(f"checkpoint {path} holds non-floating-point weights: {', '.join(not_float)}")
-    with torch.random.fork_rng(devices=[]):  # GPT() draws a random init: keep the global RNG where it was
-        model = GPT(config)
-    model.load_state_dict(tensors, strict=True)
-    return model.to(device)
-
-
-def select_device(preference: str | None = None) -> torch.device:
-    """``"cuda"`` if available, else ``"mps"`` (Apple GPU), else ``"cpu"``; or the named device
-    (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), with an error if it is unavailable."""
-    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if preference is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if mps_available else "cpu")
-    try:
-        device = torch.device(preference)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {preference!r}; use 'cuda', 'cuda:N', 'mps', 'cpu' or None (auto)") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but PyTorch sees no CUDA GPU; use 'cpu' or None (auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {preference!r} requested but there are {torch.cuda.device_count()} CUDA GPUs")
-    elif device.type == "mps" and not mps_available:
-        raise RuntimeError("device 'mps' requested but this PyTorch has no usable Apple MPS backend; use 'cpu'")
-    elif device.type not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"device type {device.type!r} is not supported here; use 'cuda', 'mps' or 'cpu'")
-    return device

@@ -34,10 +34,11 @@ import math
 import random
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+
+from .corpus import SOURCE_FRACTION, Corpus
 
 __all__ = [
-    "DOMAINS", "SOURCE_GRAMMAR", "TARGET_GRAMMAR", "EVAL_PROMPTS", "DEFAULT_CORPUS_CHARS", "Grammar", "BuiltinCorpus",
+    "DOMAINS", "SOURCE_GRAMMAR", "TARGET_GRAMMAR", "EVAL_PROMPTS", "DEFAULT_CORPUS_CHARS", "Grammar",
     "grammar", "sample_sentences", "sentence_log_prob", "is_valid", "validity_rate", "entropy_per_char",
     "entropy_per_char_bits", "entropy_floor_ppl", "builtin_corpus", "describe_domains",
 ]  # fmt: skip
@@ -329,23 +330,6 @@ def entropy_floor_ppl(domain: str) -> float:
     return math.exp(entropy_per_char(domain))
 
 
-@dataclass(frozen=True)
-class BuiltinCorpus:
-    """The built-in corpus: source sentences, then target sentences, one per line."""
-
-    text: str
-    target_start: int  # offset of the first target character (just after a "\n")
-    seed: int
-
-    @property
-    def source_text(self) -> str:
-        return self.text[: self.target_start]
-
-    @property
-    def target_text(self) -> str:
-        return self.text[self.target_start :]
-
-
 def _block(domain: str, seed: int, budget: float) -> str:
     """Sentences of ``domain``, one per line, up to the line boundary nearest to ``budget`` characters."""
     lines, size = [], 0
@@ -358,7 +342,9 @@ def _block(domain: str, seed: int, budget: float) -> str:
     return "".join(lines)
 
 
-def builtin_corpus(n_chars: int = DEFAULT_CORPUS_CHARS, seed: int = 0, source_fraction: float = 0.8) -> BuiltinCorpus:
+def builtin_corpus(
+    n_chars: int = DEFAULT_CORPUS_CHARS, seed: int = 0, source_fraction: float = SOURCE_FRACTION
+) -> Corpus:
     """About ``n_chars`` characters: source sentences up to the line boundary nearest to
     ``source_fraction * n_chars``, then target sentences up to the boundary nearest to ``n_chars``.
     The same arguments give the same text in every process and on every platform."""
@@ -375,7 +361,7 @@ def builtin_corpus(n_chars: int = DEFAULT_CORPUS_CHARS, seed: int = 0, source_fr
         )
     source = _block("source", seed, source_fraction * n_chars)
     target = _block("target", seed, n_chars - len(source))
-    return BuiltinCorpus(text=source + target, target_start=len(source), seed=seed)
+    return Corpus("builtin", source + target, len(source), builtin=True)
 
 
 def describe_domains(seed: int = 0) -> str:

@@ -20,10 +20,8 @@ mismatch is an error, and the model is written only after everything has been ch
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..files import atomic_path, json_text, safetensors_bytes
+from ..validation import check_positive_int, check_positive_real, passes
 from .inject import lora_modules
-from .io import atomic_path, json_text, safetensors_bytes
 from .layers import LoRALinear
 
 __all__ = ["save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
@@ -156,11 +155,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
 
 
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return passes(check_positive_int, value)
 
 
 def _is_positive_number(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return passes(check_positive_real, value)
 
 
 def _is_regex(value: object) -> bool:

@@ -1,6 +1,6 @@
 """Putting LoRA adapters into any model, and the small API around them.
 
-``apply_lora_to_model`` follows the seed's contract (it returns an adapted *copy*; the
+``apply_lora_to_model`` follows the course's contract (it returns an adapted *copy*; the
 original is not modified) and Hugging Face PEFT's ``target_modules`` rules, so a PEFT
 user's list of module names works unchanged.
 """
@@ -15,7 +15,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .layers import LoRALinear, _check_positive_int, _check_positive_real
+from ..validation import check_flag, check_positive_int, check_positive_real
+from .fused import FusedLoRALinear
+from .layers import LoRALinear
 
 __all__ = [
     "apply_lora_to_model",
@@ -26,6 +28,7 @@ __all__ = [
     "lora_state_dict",
     "merge_lora",
     "disable_lora",
+    "replace_module",
 ]
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -87,11 +90,23 @@ def find_target_modules(model: nn.Module, target_modules: str | Sequence[str] | 
     return [name for name, _ in matched]
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule called ``name`` (dotted, as ``named_modules`` gives it) is
+    inside ``root``; return the module it replaced."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child_name)
+    setattr(parent, child_name, new)
+    return old
+
+
 def apply_lora_to_model(
     model: nn.Module,
     rank: int = 4,
     alpha: float = 1.0,
     target_modules: str | Sequence[str] | None = None,
+    *,
+    fused: bool = True,
     **layer_options,
 ) -> nn.Module:
     """Return a deep copy of ``model`` whose targeted ``nn.Linear`` layers are
@@ -100,14 +115,17 @@ def apply_lora_to_model(
     Args:
         model: any ``nn.Module``; it is not modified.
         rank, alpha: the adapters' rank ``r`` and ``α`` (scaling ``α / r``).
-        target_modules: ``None`` (every ``nn.Linear``, as the seed does), a list of module
+        target_modules: ``None`` (every ``nn.Linear``, as the course does), a list of module
             names matched exactly or as a dotted suffix, or one regex matched against the full
             module name (PEFT's rules).
-        **layer_options: ``dropout``, ``init`` (``"kaiming"``, ``"gaussian"``, ``"seed"``),
-            ``use_rslora`` — see :class:`~lora_lab.layers.LoRALayer`.
+        fused: build :class:`~lora_lab.lora.fused.FusedLoRALinear` layers (the default: the same
+            function, computed faster); ``False`` builds the plain, readable :class:`LoRALinear`.
+        **layer_options: ``dropout``, ``init`` (``"kaiming"``, ``"gaussian"``, ``"course"``),
+            ``use_rslora`` — see :class:`~lora_lab.lora.layers.LoRALayer`.
     """
-    _check_positive_int("rank", rank)
-    _check_positive_real("alpha", alpha)
+    check_positive_int("rank", rank)
+    check_positive_real("alpha", alpha)
+    layer_class = FusedLoRALinear if check_flag("fused", fused) else LoRALinear
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_lora_to_model needs an nn.Module, got {type(model).__name__}")
     existing = lora_modules(model)
@@ -127,9 +145,8 @@ def apply_lora_to_model(
     targets = find_target_modules(model, target_modules)
     adapted = copy.deepcopy(model)
     for name in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = adapted.get_submodule(parent_name) if parent_name else adapted
-        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank=rank, alpha=alpha, **layer_options))
+        linear = adapted.get_submodule(name)
+        replace_module(adapted, name, layer_class(linear, rank=rank, alpha=alpha, **layer_options))
     mark_only_lora_as_trainable(adapted)
     return adapted
 
@@ -181,14 +198,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in lora_modules(merged).items():
         linear = module.original_layer
         if not module.merged:
-            new_weight = linear.weight + module.lora.delta_weight().to(linear.weight.dtype)
-            if not torch.isfinite(new_weight).all():
-                raise ValueError(f"merging {name} would produce non-finite weights; the model was not merged")
+            try:
+                new_weight = module.merged_weight()
+            except ValueError as error:
+                raise ValueError(f"merging {name} {error}; the model was not merged") from None
             # A new tensor, not an in-place write: the weight may be shared (a head tied to the embedding).
             linear.weight = nn.Parameter(new_weight, requires_grad=linear.weight.requires_grad)
-        parent_name, _, child_name = name.rpartition(".")
-        parent = merged.get_submodule(parent_name) if parent_name else merged
-        setattr(parent, child_name, linear)
+        replace_module(merged, name, linear)
     return merged
 
 

@@ -1,0 +1,25 @@
+"""LoRA against full fine-tuning, looked at closely — and the figures that show it.
+
+* :mod:`~lora_lab.analysis.sweeps` — rank, α and target-module sweeps of the tuned recipe
+  (:func:`rank_sweep`, :func:`alpha_sweep`, :func:`target_sweep`, :func:`sweep_table`) and the
+  files they leave for the companion PDF (:func:`write_sweep_outputs`, :func:`analyse_run`);
+* :mod:`~lora_lab.analysis.low_rank` — the update ``ΔW`` fine-tuning learned
+  (:func:`delta_weights`), how low-rank it is (:func:`singular_values`, :func:`effective_rank`,
+  :func:`energy_captured`) and Hu et al.'s subspace similarity between adapters
+  (:func:`subspace_similarity`);
+* :mod:`~lora_lab.analysis.memory` — the training state's memory under AdamW
+  (:func:`optimizer_memory_bytes`) and the comparison table of the measured models;
+* :mod:`~lora_lab.analysis.figures` — every figure of the report, the notebooks and the PDF, and
+  the style they share (:data:`MODEL_COLORS`, :data:`LABELS`, :func:`readable`).
+
+Everything public is importable from here (``from lora_lab.analysis import rank_sweep``).
+"""
+
+from . import figures, low_rank, memory, sweeps
+from .figures import *  # noqa: F403
+from .low_rank import *  # noqa: F403
+from .memory import *  # noqa: F403
+from .sweeps import *  # noqa: F403
+
+# Each module's __all__ is the one list of its public names; this package re-exports them all.
+__all__ = [*sweeps.__all__, *low_rank.__all__, *memory.__all__, *figures.__all__]

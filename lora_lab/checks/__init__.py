@@ -1,0 +1,40 @@
+"""Checks a student runs on their own code in the notebooks' exercises.
+
+Each ``check_*`` function calls the student's function or class on small, seeded examples and
+PRINTS one line per property — ``ok`` or ``FAIL`` — and, for each failure, what it most likely
+means and a hint. It returns a :class:`CheckResult`, which is truthy only when every property
+holds, so a grading cell can simply ``assert check_lora_layer(MyLoRALayer)``. A wrong answer
+never raises: exceptions raised by the student's code are caught and reported as failures.
+
+The checks draw their random numbers inside ``torch.random.fork_rng``, so calling one neither
+depends on nor disturbs the notebook's own random state, and what they print is the same on
+every run.
+
+The layer graders hold the student to the paper's conventions (Hu et al. 2021) in PyTorch's
+row layout, as PEFT writes them; :mod:`.lora_layer` spells them out.
+
+The graders, by exercise:
+
+- :mod:`.low_rank` (notebook 01): ``check_truncated_svd``, ``check_parameter_count``,
+  ``check_compression_ratio``;
+- :mod:`.lora_layer` and :mod:`.lora_linear` (notebook 02): ``check_lora_layer``,
+  ``check_lora_linear``, on the checks of the two factors in :mod:`.factors`;
+- :mod:`.models` (notebook 02): ``check_model_lora_count``;
+- :mod:`.result`: :class:`CheckResult` and the seeded runner they all share.
+"""
+
+from .lora_layer import check_lora_layer
+from .lora_linear import check_lora_linear
+from .low_rank import check_compression_ratio, check_parameter_count, check_truncated_svd
+from .models import check_model_lora_count
+from .result import CheckResult
+
+__all__ = [
+    "CheckResult",
+    "check_lora_layer",
+    "check_lora_linear",
+    "check_truncated_svd",
+    "check_parameter_count",
+    "check_compression_ratio",
+    "check_model_lora_count",
+]

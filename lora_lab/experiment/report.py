@@ -1,0 +1,107 @@
+"""What a run leaves in its output folder: ``results.json``, ``report.md`` (the comparison
+table, how to read it, the claims and the samples) and the figures ``loss_curves.png`` and
+``perplexities.png``. Every file is written atomically."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from ..analysis.figures import plot_loss_curves, plot_perplexities
+from ..files import atomic_path, atomic_write_text, format_bytes
+from .config import COURSE_RECIPE, TUNED_RECIPE, Profile
+from .results import RunResults
+
+__all__ = ["format_table", "write_outputs", "OUTPUT_FILES"]
+
+OUTPUT_FILES = ("results.json", "report.md", "loss_curves.png", "perplexities.png")
+
+
+def format_table(results: RunResults) -> str:
+    """The comparison as a Markdown table, models in the order the run trained them."""
+    floors = results.entropy_floor_ppl
+    lines = [
+        "| model | target ppl | source ppl | trainable params | total params | train s | artifact | valid target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    if floors:
+        lines.append(f"| *entropy floor* | {floors['target']:.3f} | {floors['source']:.3f} | | | | | |")
+    for name, e in results.models.items():
+        valid = "—" if e.valid_target_rate is None else f"{e.valid_target_rate:.0%}"
+        size = "—" if e.artifact_bytes is None else format_bytes(e.artifact_bytes)
+        lines.append(
+            f"| {name} | {e.target_ppl:.3f} | {e.source_ppl:.3f} | {e.trainable_params:,} | "
+            f"{e.total_params:,} | {e.train_seconds:.1f} | {size} | {valid} |"
+        )
+    return "\n".join(lines)
+
+
+def _gap_closed(results: RunResults, name: str) -> float:
+    """The share of the base → full fine-tuning gap in target perplexity that ``name`` closes."""
+    m = results.models
+    gap = m["base"].target_ppl - m["full"].target_ppl
+    return (m["base"].target_ppl - m[name].target_ppl) / gap if gap > 0 else math.nan
+
+
+def _report(profile: Profile, results: RunResults) -> str:
+    m = results.models
+    base, lora, full = m["base"], m[TUNED_RECIPE], m["full"]
+    tuned = profile.recipe(TUNED_RECIPE)
+    parts = [
+        f"# lora_lab run — corpus `{results.corpus}`, profile `{results.profile}`",
+        "",
+        f"Machine: {results.machine}. Splits (characters): "
+        + ", ".join(f"{k} {v:,}" for k, v in results.split_sizes.items())
+        + ".",
+        "",
+        format_table(results),
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "![perplexities](perplexities.png)",
+        "",
+        "## Reading the numbers",
+        f"- The tuned LoRA recipe closes {_gap_closed(results, TUNED_RECIPE):.0%} of the base → full fine-tuning gap "
+        f"in target perplexity while training {lora.trainable_params:,} of {lora.total_params:,} parameters "
+        f"({lora.trainable_params / lora.total_params:.2%}).",
+    ]
+    if COURSE_RECIPE in m:
+        course = profile.recipe(COURSE_RECIPE)
+        parts.append(
+            f"- The course's recipe (r={course.rank}, α={course.alpha:g}, lr {course.lr:g}) closes "
+            f"{_gap_closed(results, COURSE_RECIPE):.0%}. Its update is scaled by α/r = {course.alpha / course.rank:g}: "
+            f"with B starting at zero, ΔW = (α/r)·B·A grows {course.rank / course.alpha:g}× more slowly than the "
+            "learning rate suggests, so in the same number of steps it moves less. The tuned recipe uses "
+            f"r={tuned.rank}, α={tuned.alpha:g} (scaling {tuned.alpha / tuned.rank:g}) and lr {tuned.lr:g}."
+        )
+    parts.append(
+        f"- Forgetting: source perplexity goes {base.source_ppl:.3f} → {lora.source_ppl:.3f} with LoRA and "
+        f"→ {full.source_ppl:.3f} with full fine-tuning."
+    )
+    if results.entropy_floor_ppl:
+        parts.append("- The entropy floor is exact (computed from the corpus's grammars): no model can go below it.")
+    parts += ["", "## Claims", ""]
+    parts += [f"- {'✅' if ok else '❌'} {name.replace('_', ' ')}" for name, ok in results.claims.items()]
+    parts += ["", "## Samples (fixed prompts and seed)", ""]
+    for name, entry in m.items():
+        parts.append(f"### {name}\n")
+        parts += ["```", *[s.rstrip("\n") for s in entry.samples], "```", ""]
+    return "\n".join(parts)
+
+
+def write_outputs(profile: Profile, results: RunResults, out: Path) -> None:
+    """Write :data:`OUTPUT_FILES` into ``out`` (created if needed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    models = {name: entry.to_dict() for name, entry in results.models.items()}
+    figures = {
+        "loss_curves.png": plot_loss_curves(results.histories, results.entropy_floor_ppl),
+        "perplexities.png": plot_perplexities(models, results.entropy_floor_ppl),
+    }
+    for name, fig in figures.items():
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+    atomic_write_text(out / "report.md", _report(profile, results))
+    atomic_write_text(out / "results.json", results.to_json())

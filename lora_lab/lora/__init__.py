@@ -1,0 +1,44 @@
+"""LoRA itself — the lesson.
+
+* :mod:`~lora_lab.lora.layers` — the readable :class:`LoRALayer` (``ΔW = B A`` scaled by α/r)
+  and :class:`LoRALinear` (``original_layer(x) + lora(x)``, merge and unmerge);
+* :mod:`~lora_lab.lora.fused` — :class:`FusedLoRALinear`, the same function computed fast
+  (the default of :func:`apply_lora_to_model`);
+* :mod:`~lora_lab.lora.inject` — adapting a whole model: :func:`apply_lora_to_model`,
+  :func:`merge_lora`, :func:`disable_lora` and loralib's small API;
+* :mod:`~lora_lab.lora.adapters` — adapters on disk in Hugging Face PEFT's format.
+"""
+
+from .adapters import load_adapter, save_adapter
+from .fused import FusedLoRALinear, lora_linear
+from .inject import (
+    apply_lora_to_model,
+    count_parameters,
+    disable_lora,
+    find_target_modules,
+    lora_modules,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    replace_module,
+)
+from .layers import INIT_METHODS, LoRALayer, LoRALinear
+
+__all__ = [
+    "INIT_METHODS",
+    "FusedLoRALinear",
+    "LoRALayer",
+    "LoRALinear",
+    "apply_lora_to_model",
+    "count_parameters",
+    "disable_lora",
+    "find_target_modules",
+    "load_adapter",
+    "lora_linear",
+    "lora_modules",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "replace_module",
+    "save_adapter",
+]
