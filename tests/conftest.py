@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lora_lab.experiment import stages as pipeline
+from lora_lab.experiment import stages
 
 torch.set_num_threads(1)
 
@@ -28,6 +28,6 @@ def forbid_training(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
         def no_training(*args, **kwargs):
             raise AssertionError(why)
 
-        monkeypatch.setattr(pipeline, "train", no_training)
+        monkeypatch.setattr(stages, "train", no_training)
 
     return forbid
