@@ -24,7 +24,6 @@ __all__ = [
     "format_bytes",
     "atomic_write_bytes",
     "atomic_write_text",
-    "atomic_write_json",
     "atomic_save_safetensors",
     "json_text",
     "safetensors_bytes",
@@ -69,12 +68,9 @@ def atomic_write_text(destination: str | os.PathLike, text: str) -> None:
 
 
 def json_text(obj: Any) -> str:
-    """How lora_lab writes JSON files: indented, keys in the given order, a final newline."""
-    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
-
-
-def atomic_write_json(destination: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(destination, json_text(obj))
+    """How lora_lab writes JSON files: indented, keys in the given order, a final newline; NaN and
+    infinity are refused (``ValueError``), since they are not JSON and other readers reject them."""
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

@@ -349,15 +349,14 @@ def test_saved_files_follow_peft_format(tmp_path: Path) -> None:
 
 def test_saved_files_keep_their_byte_format(tmp_path: Path) -> None:
     """The weights keep PEFT's "format": "pt" entry, and the config is byte for byte what
-    lora_lab.files.atomic_write_json writes (save_adapter writes it through its own temporary file)."""
+    lora_lab.files.json_text gives (save_adapter writes it through its own temporary file)."""
     save_adapter(
         lora_lab_model(make_base("tiny"), "qv-r4-a8-rslora"), tmp_path / "adapter", base_model_name_or_path="é"
     )
     with safe_open(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME, framework="pt") as handle:
         assert handle.metadata()["format"] == "pt"
     written = (tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_bytes()
-    lora_lab.files.atomic_write_json(tmp_path / "reference.json", json.loads(written))
-    assert written == (tmp_path / "reference.json").read_bytes()
+    assert written == lora_lab.files.json_text(json.loads(written)).encode("utf-8")
 
 
 def test_saving_is_reproducible(tmp_path: Path) -> None:

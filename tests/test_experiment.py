@@ -192,28 +192,35 @@ def test_non_finite_loss_names_the_step_and_restores_the_model():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class FailsAtStep4(torch.nn.Module):
+    """A model around ``inner`` whose fourth call raises ``error``: after three optimiser steps
+    have changed the weights."""
+
+    def __init__(self, inner: torch.nn.Module, error: type[BaseException]):
+        super().__init__()
+        self.inner, self.error, self.calls = inner, error, 0
+
+    def forward(self, x, y):
+        self.calls += 1
+        if self.calls == 4:
+            raise self.error()
+        return None, self.inner(torch.nn.functional.one_hot(x % 4, 4).float()).pow(2).mean()
+
+
+def _train_until_it_fails(wrapper: torch.nn.Module, **options) -> None:
+    config = TrainConfig(epochs=1, lr=0.1, batch_size=2, eval_points=0)
+    with pytest.raises(wrapper.error):
+        train(wrapper, torch.arange(200), None, config, block_size=4, progress=False, **options)
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, MemoryError])
 @pytest.mark.parametrize("given_mode", [True, False])
 def test_any_failure_mid_training_restores_the_model(error, given_mode):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
-
-    class FailsAtStep4(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.calls = model, 0
-
-        def forward(self, x, y):
-            self.calls += 1
-            if self.calls == 4:  # after three optimiser steps have changed the weights
-                raise error()
-            return None, self.inner(torch.nn.functional.one_hot(x % 4, 4).float()).pow(2).mean()
-
-    wrapper = FailsAtStep4().train(given_mode)
+    wrapper = FailsAtStep4(model, error).train(given_mode)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(error):
-        train(wrapper, torch.arange(200), None, TrainConfig(epochs=1, lr=0.1, batch_size=2, eval_points=0),
-              block_size=4, progress=False)
+    _train_until_it_fails(wrapper)
     assert wrapper.calls == 4
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert wrapper.training is given_mode and model.training is given_mode
@@ -337,20 +344,6 @@ def test_training_a_throwaway_copy_skips_the_restore_snapshot(smoke_run, monkeyp
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
-
-    class FailsAtStep4(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.calls = model, 0
-
-        def forward(self, x, y):
-            self.calls += 1
-            if self.calls == 4:
-                raise KeyboardInterrupt
-            return None, self.inner(torch.nn.functional.one_hot(x % 4, 4).float()).pow(2).mean()
-
     before = model.weight.detach().clone()
-    with pytest.raises(KeyboardInterrupt):
-        train(FailsAtStep4(), torch.arange(200), None, TrainConfig(epochs=1, lr=0.1, batch_size=2, eval_points=0),
-              block_size=4, progress=False, restore_on_error=False)  # fmt: skip
+    _train_until_it_fails(FailsAtStep4(model, KeyboardInterrupt), restore_on_error=False)
     assert not torch.equal(model.weight, before)  # no snapshot, so nothing to restore: the caller discards it

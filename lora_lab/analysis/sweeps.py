@@ -15,7 +15,6 @@ sweep and writes them in one call.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ from matplotlib.figure import Figure
 
 from ..experiment.config import TUNED_RECIPE, LoRARecipe
 from ..experiment.stages import Experiment, TrainedModel, entropy_floors, lora_finetuned
-from ..files import atomic_path
+from ..files import atomic_path, json_text
 from ..lora import count_parameters, find_target_modules, lora_modules
 from ..training import perplexity
 from ..validation import check_positive_int, check_positive_real
@@ -97,13 +96,13 @@ def sweep_recipe(
         epochs = min(SWEEP_EPOCHS, exp.profile.finetune.epochs)
     if isinstance(target_modules, str):
         raise ValueError(f"target_modules must be a list of module names or None, got the string {target_modules!r}")
-    return LoRARecipe(
+    return LoRARecipe(  # which checks every setting
         name=name,
-        rank=check_positive_int("rank", tuned.rank if rank is None else rank),
-        alpha=check_positive_real("alpha", tuned.alpha if alpha is None else alpha),
-        lr=check_positive_real("lr", tuned.lr if lr is None else lr),
+        rank=tuned.rank if rank is None else rank,
+        alpha=tuned.alpha if alpha is None else alpha,
+        lr=tuned.lr if lr is None else lr,
         target_modules=tuple(target_modules) if target_modules else None,
-        epochs=check_positive_real("epochs", epochs),
+        epochs=epochs,
         use_rslora=bool(use_rslora),
     )
 
@@ -324,7 +323,7 @@ def write_sweep_outputs(
     _check_runs(runs)
     ordered = sorted(runs, key=lambda run: run["rank"])
     sweep = {"runs": [{key: run[key] for key in _SWEEP_KEYS if key in run} for run in ordered]}
-    text = json.dumps(sweep, indent=2, allow_nan=False) + "\n"
+    text = json_text(sweep)
     files = {"rank_sweep.png": _png(plot_rank_sweep(ordered, reference, floors))}
     if full_deltas:
         files["spectrum.png"] = _png(plot_spectrum(full_deltas, lora_deltas))

@@ -18,6 +18,8 @@ __all__ = ["Corpus", "Splits", "make_splits", "SOURCE_FRACTION", "VAL_FRACTION"]
 
 SOURCE_FRACTION = 0.8  # the course's split: 80% pretraining, 20% fine-tuning
 VAL_FRACTION = 0.1  # of each part, held out for validation
+
+
 @dataclass(frozen=True)
 class Corpus:
     """A text and where its target part (the last ~20%) begins.

@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from ..files import json_text
 from ..training import TrainHistory
 
 __all__ = ["ModelResult", "RunResults", "ResultsError", "REQUIRED_MODELS"]
@@ -126,7 +127,7 @@ class RunResults:
 
     def to_json(self) -> str:
         """The ``results.json`` text (NaN and infinity refused: they are not JSON)."""
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        return json_text(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str | dict, where: str = "results.json") -> RunResults:

@@ -20,8 +20,10 @@ __all__ = ["CONFIG_METADATA_KEY", "save_checkpoint", "load_checkpoint", "read_ch
 CONFIG_METADATA_KEY = "lora_lab_config"
 
 
-def _check_shapes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    expected = parameter_shapes(config)
+def _check_shapes(
+    config: GPTConfig, expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], source: str
+) -> None:
+    """Refuse ``shapes`` unless they are exactly ``expected`` (``parameter_shapes(config)``)."""
 
     def listed(names: list[str]) -> str:
         return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
@@ -42,9 +44,10 @@ def save_checkpoint(model: GPT, path: str | os.PathLike, extra_metadata: dict[st
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_checkpoint saves a lora_lab GPT, got {type(model).__name__}")
+    tensors, expected = model.state_dict(), parameter_shapes(model.config)
     # A model changed in place (LoRA layers wrap nn.Linear) has state-dict entries a GPT of its
     # config lacks; say what to save instead rather than only listing them.
-    foreign = sorted(model.state_dict().keys() - parameter_shapes(model.config).keys())
+    foreign = sorted(tensors.keys() - expected.keys())
     if foreign:
         raise ValueError(
             f"the model holds tensors that a GPT checkpoint has no place for ({', '.join(foreign[:4])}, ...); "
@@ -57,8 +60,7 @@ def save_checkpoint(model: GPT, path: str | os.PathLike, extra_metadata: dict[st
     clash = sorted(extra.keys() & metadata.keys())
     if clash:
         raise ValueError(f"extra_metadata may not set the reserved keys {clash}")
-    tensors = model.state_dict()
-    _check_shapes(model.config, {k: tuple(t.shape) for k, t in tensors.items()}, "the model")
+    _check_shapes(model.config, expected, {k: tuple(t.shape) for k, t in tensors.items()}, "the model")
     atomic_save_safetensors(path, tensors, {**extra, **metadata})
 
 
@@ -95,7 +97,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         except ValueError as err:  # json.JSONDecodeError is a ValueError too
             raise ValueError(f"{path}: the stored model config is invalid: {err}") from err
         names = f.keys()
-        _check_shapes(config, {k: tuple(f.get_slice(k).get_shape()) for k in names}, f"checkpoint {path}")
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+        _check_shapes(config, parameter_shapes(config), shapes, f"checkpoint {path}")
         tensors = {k: f.get_tensor(k) for k in names}
     not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())
     if not_float:
