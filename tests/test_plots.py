@@ -54,20 +54,65 @@ def _visible_texts(fig) -> list[Text]:
         ([400.0, 1.5, 1.5, 1.5], [1.68, 300.0, 1.7, 1.7]),  # bars over two decades
     ],
 )
-def test_perplexity_labels_clear_the_legend_and_the_titles(target, source):
+def test_perplexity_labels_clear_each_other_and_the_titles(target, source):
+    """With the floors known, each model is a dot at its excess loss, labelled above it; the labels
+    stay inside their panel, under its title, and never cover one another."""
     fig = plot_perplexities(_models(target, source), FLOORS)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    (legend,) = fig.legends
-    legend_box = legend.get_window_extent(renderer)
     for ax in fig.axes:
-        assert not legend_box.overlaps(ax.get_window_extent(renderer))
         title_box = ax.title.get_window_extent(renderer)
-        assert len(ax.texts) == 4  # one value label per bar
-        for label in ax.texts:
-            box = label.get_window_extent(renderer)
-            assert not box.overlaps(legend_box) and not box.overlaps(title_box)
+        assert len(ax.texts) == 4  # one value label per model
+        boxes = [label.get_window_extent(renderer) for label in ax.texts]
+        for i, box in enumerate(boxes):
+            assert not box.overlaps(title_box)
             assert box.y1 <= ax.get_window_extent(renderer).y1  # inside the axes, under the title
+            assert not any(box.overlaps(other) for other in boxes[i + 1 :])
+    plt.close(fig)
+
+
+def test_perplexities_plot_the_excess_loss_over_the_floor():
+    """The dots sit at ln ppl - ln floor (nats/char), on a log axis; a model below the floor, which
+    a log axis cannot show, switches the panel to a linear axis whose title says so."""
+    import math
+
+    target, source = [47.2, 3.8, 1.62, 1.61], [1.69, 2.45, 5.99, 6.76]
+    fig = plot_perplexities(_models(target, source), FLOORS)
+    for ax, split, values in zip(fig.axes, ("target", "source"), (target, source)):
+        (dots,) = ax.collections
+        expected = [math.log(v) - math.log(FLOORS[split]) for v in values]
+        assert [y for _, y in dots.get_offsets()] == pytest.approx(expected)
+        assert ax.get_yscale() == "log"
+    plt.close(fig)
+    fig = plot_perplexities(_models([1.5, 1.7, 1.6, 1.6], source), FLOORS)  # the base model below the floor
+    assert fig.axes[0].get_yscale() == "linear" and "BELOW the floor" in fig.axes[0].get_title()
+    assert fig.axes[1].get_yscale() == "log"
+    plt.close(fig)
+    fig = plot_perplexities(_models(target, source))  # no floors: perplexities on a log axis, as bars
+    assert all(ax.get_yscale() == "log" and len(ax.patches) == 4 for ax in fig.axes)
+    plt.close(fig)
+
+
+def test_coinciding_lines_stay_visible():
+    """Tuned LoRA and full fine-tuning can end within a percent of each other: full fine-tuning is
+    drawn wide and translucent underneath, LoRA thin, with markers or a dash pattern, on top, so
+    neither legend entry names an invisible line."""
+    history = TrainHistory([3.0, 2.0, 1.0], [(0, 3.0), (1, 2.0), (2, 1.0)], 1.0, 3)
+    fig = plot_loss_curves({"lora": history, "full": history}, FLOORS)
+    right = fig.axes[1]
+    lines = {line.get_label(): line for line in right.get_lines()}
+    lora, full = lines[LABELS["lora"]], lines[LABELS["full"]]
+    assert lora.get_zorder() > full.get_zorder() and lora.get_linewidth() < full.get_linewidth()
+    assert lora.get_marker() not in (None, "None", "") or lora.get_linestyle() != full.get_linestyle()
+    assert full.get_alpha() is not None and full.get_alpha() < 1
+    plt.close(fig)
+    runs = [{"rank": r, "alpha": 16.0, "target_ppl": 3.0, "source_ppl": 2.5} for r in (1, 2)]
+    reference = {"lora": {"target_ppl": 1.62, "source_ppl": 2.0}, "full": {"target_ppl": 1.62, "source_ppl": 2.0}}
+    fig = plot_rank_sweep(runs, reference, FLOORS)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    lora, full = lines[LABELS["lora"]], lines[LABELS["full"]]
+    assert lora.get_zorder() > full.get_zorder() and lora.get_linewidth() < full.get_linewidth()
+    assert lora.get_linestyle() != full.get_linestyle()
     plt.close(fig)
 
 
@@ -101,7 +146,7 @@ def test_report_figures_print_at_8_pt_or_more():
         smallest = min(t.get_fontsize() for t in _visible_texts(fig))
         printed = smallest * text_width / fig.get_size_inches()[0]
         assert printed >= 7.9, f"{smallest} pt in a {fig.get_size_inches()[0]} in figure prints at {printed:.1f} pt"
-        assert fig.legends and all(not ax.get_legend() for ax in fig.axes)  # legend outside the panels
+        assert all(not ax.get_legend() for ax in fig.axes)  # a legend, when there is one, sits outside the panels
         plt.close(fig)
     assert plt.rcParams["font.size"] == 10  # the sizes apply only while a figure is drawn
 

@@ -34,6 +34,7 @@ __all__ = [
     "MODEL_COLORS",
     "LABELS",
     "TICK_LABELS",
+    "LINE_STYLES",
     "FONT_SIZES",
     "readable",
     "figure_legend",
@@ -55,6 +56,15 @@ LABELS = {
     "lora_course": "LoRA, course recipe",
     "lora": "LoRA, tuned recipe",
     "full": "full fine-tuning",
+}
+#: How each model's line is drawn where lines may coincide (tuned LoRA and full fine-tuning end
+#: within a percent of each other): full fine-tuning wide and translucent underneath, the LoRA runs
+#: thin, with their own markers and dash patterns, on top, so every legend entry stays visible.
+LINE_STYLES = {
+    "base": {"marker": "o", "ls": "-", "lw": 1.5, "zorder": 2},
+    "full": {"marker": None, "ls": "-", "lw": 5.0, "alpha": 0.45, "zorder": 2},
+    "lora_course": {"marker": "s", "ls": ":", "lw": 1.5, "markersize": 5, "zorder": 3},
+    "lora": {"marker": "o", "ls": "--", "lw": 1.5, "markersize": 4, "zorder": 4},
 }
 #: Short versions of LABELS for bar charts: four bars share ~4.5 in, ~10 characters a line at 14 pt.
 TICK_LABELS = {"base": "base", "lora_course": "LoRA\n(course)", "lora": "LoRA\n(tuned)", "full": "full\nfine-tuning"}
@@ -132,7 +142,8 @@ def plot_loss_curves(histories: Mapping[str, TrainHistory], floors: Mapping[str,
     left.set(title="Pretraining on the source part (80%)", xlabel="step", ylabel="loss (nats/char)")
     for name, h in histories.items():
         if name != "base" and h.val_loss:
-            right.plot(*zip(*h.val_loss), "o-", color=MODEL_COLORS.get(name), label=LABELS.get(name, name))
+            style = LINE_STYLES.get(name, {"marker": "o", "ls": "-"})
+            right.plot(*zip(*h.val_loss), color=MODEL_COLORS.get(name), label=LABELS.get(name, name), **style)
     if floors:
         right.axhline(math.log(floors["target"]), ls="--", color="k", lw=1, label="entropy floor")
     right.set(title="Fine-tuning on the target part (20%)", xlabel="step", ylabel="validation loss (nats/char)")
@@ -156,10 +167,14 @@ def _log_ticks(low: float, high: float) -> list[float]:
 
 @readable
 def plot_perplexities(models: Mapping[str, ModelEntry], floors: Mapping[str, float] | None = None) -> Figure:
-    """Target and source perplexity of each model (log scale: equal steps are equal differences
-    in loss), with the entropy floors as dashed lines. The legend sits under the panels and each
-    bar's value above it, with headroom, so no label can hide another."""
+    """Target and source perplexity of each model. With the entropy floors known, each bar is the
+    model's *excess loss* over the floor, ``ln ppl − H`` in nats per character (what is left to
+    learn: 1.61 against 1.63 is then 0.02 against 0.03 nats, not two slivers of a log axis), and
+    its label gives the perplexity too. Without floors: perplexity on a log axis (equal steps are
+    equal differences in loss). Each bar's value sits above it, with headroom."""
     models = model_entries(models)
+    if floors:
+        return _plot_excess(models, floors)
     names = list(models)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for ax, split in zip(axes, ("target", "source")):
@@ -184,6 +199,42 @@ def plot_perplexities(models: Mapping[str, ModelEntry], floors: Mapping[str, flo
         label = f"entropy floor: target {floors['target']:.3f}, source {floors['source']:.3f}"
         axes[0].plot([], [], ls="--", color="k", lw=1, label=label)
     figure_legend(fig)
+    return fig
+
+
+def _plot_excess(models: Mapping[str, ModelEntry], floors: Mapping[str, float]) -> Figure:
+    """One dot per model at its excess loss over the floor. The excesses span orders of magnitude
+    (the base model's 3 nats against fine-tuned models' 0.02), so the axis is logarithmic and the
+    models are dots, not bars, which on a log axis would grow from an arbitrary baseline. A model
+    at or below the floor (a bug, see notebook 03) cannot sit on a log axis: the panel then uses a
+    linear one and says so."""
+    names = list(models)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    for ax, split in zip(axes, ("target", "source")):
+        ppls = [models[n][f"{split}_ppl"] for n in names]
+        excess = [math.log(p) - math.log(floors[split]) for p in ppls]
+        x = range(len(names))
+        ax.scatter(x, excess, s=90, color=[MODEL_COLORS.get(n, "#999") for n in names], edgecolors="k", zorder=3)
+        for i, (e, p) in enumerate(zip(excess, ppls)):
+            ax.annotate(
+                f"{e:.3f}\n(ppl {p:.3f})", (i, e), xytext=(0, 10), textcoords="offset points", ha="center", va="bottom"
+            )
+        ax.set_xticks(list(x), [TICK_LABELS.get(n, n) for n in names])
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        word = "Target (fine-tuning)" if split == "target" else "Source (forgetting)"
+        if min(excess) > 0:
+            ax.set_yscale("log")
+            low, high = math.log10(min(excess)), math.log10(max(excess))
+            pad = max(0.3, 0.15 * (high - low))
+            ax.set_ylim(10 ** (low - pad), 10 ** (high + 2.5 * pad))  # room above the top dot for its label
+            ax.set(title=f"{word}: floor ppl {floors[split]:.3f}", ylabel="nats/char above the floor (log)")
+        else:
+            low, high = min(min(excess), 0.0), max(max(excess), 0.0)
+            span = (high - low) or 1.0
+            ax.set_ylim(low - 0.1 * span, high + 0.35 * span)  # room above the top dot for its label
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set(title=f"{word}: a model is BELOW the floor", ylabel="nats/char above the floor")
+        ax.grid(axis="y", which="major", alpha=0.3)
     return fig
 
 
@@ -225,7 +276,16 @@ def _reference_lines(
         if shown and value > high:
             notes.append(f"{short} {value:.3f}")
         else:
-            ax.axhline(value, ls=style, color=color, lw=1.2 if color != "k" else 0.8, label=label)
+            wide = color == MODEL_COLORS["full"]  # drawn under the others, so a line on top of it stays visible
+            ax.axhline(
+                value,
+                ls="-" if wide else style,
+                color=color,
+                label=label,
+                lw=4.0 if wide else (1.2 if color != "k" else 0.8),
+                alpha=0.45 if wide else 1.0,
+                zorder=1 if wide else 2,
+            )
     return notes
 
 
