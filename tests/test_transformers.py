@@ -154,6 +154,13 @@ def test_all_linear_targets_what_peft_targets(kind: str) -> None:
         assert all(isinstance(everything.get_submodule(n), LoRAConv1D) for n in linear if n != "lm_head")
 
 
+def test_all_linear_on_lora_labs_gpt_keeps_the_head_as_peft_does() -> None:
+    """Without get_output_embeddings (not a transformers model) PEFT's rule excludes nothing."""
+    gpt = GPT(GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    adapted = apply_lora_to_model(gpt, r=2, target_modules="ALL-LINEAR")  # PEFT compares case-insensitively
+    assert set(lora_modules(adapted)) == _peft_targets(gpt) and "lm_head" in lora_modules(adapted)
+
+
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_lora_lab_adapter_loads_in_peft_with_the_same_outputs(kind: str, tmp_path: Path) -> None:
     model, x = _build(kind), _tokens()
