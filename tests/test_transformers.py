@@ -31,28 +31,29 @@ from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from lora_lab import GPT, GPTConfig, apply_lora_to_model, load_adapter, lora_modules, merge_lora, save_adapter  # noqa: E402
 from lora_lab.data import CharTokenizer  # noqa: E402
+from lora_lab.export import export_adapter, export_to_transformers, transformers_module_name  # noqa: E402
 from lora_lab.lora.conv1d import LoRAConv1D, is_conv1d  # noqa: E402
-from lora_lab.model.export import export_adapter, export_to_transformers, transformers_module_name  # noqa: E402
 from lora_lab.seeding import seed_everything  # noqa: E402
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 V, T = 64, 12
 
 
-def _llama(tie: bool = False) -> nn.Module:
-    config = transformers.LlamaConfig(
+def _decoder(config_class: type, model_class: type, tie: bool) -> nn.Module:
+    """A Llama-style decoder (grouped-query attention, gated MLP) of two tiny layers."""
+    config = config_class(
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    return model_class(config)
 
 
-def _qwen2(tie: bool = True) -> nn.Module:
-    config = transformers.Qwen2Config(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
-    )  # fmt: skip
-    return transformers.Qwen2ForCausalLM(config)
+def _llama() -> nn.Module:
+    return _decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM, tie=False)
+
+
+def _qwen2() -> nn.Module:  # with its head tied to the token embedding, as small Qwen2 models are
+    return _decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, tie=True)
 
 
 def _gpt2() -> nn.Module:
@@ -123,12 +124,12 @@ class Block:
         if name.split('.')[0] in ('transformers', 'peft', 'tokenizers'):
             raise ImportError(f'{name} is blocked for this test')
 sys.meta_path.insert(0, Block())
-import lora_lab, lora_lab.lora, lora_lab.model.export, lora_lab.checks, lora_lab.experiment
+import lora_lab, lora_lab.lora, lora_lab.export, lora_lab.checks, lora_lab.experiment
 from lora_lab import GPT, GPTConfig, apply_lora_to_model, merge_lora
 m = apply_lora_to_model(GPT(GPTConfig(13, 8, 1, 2, 16)), r=2, lora_alpha=4, target_modules='all-linear')
 merge_lora(m)
 try:
-    lora_lab.model.export.export_to_transformers(GPT(GPTConfig(13, 8, 1, 2, 16)), 'unused')
+    lora_lab.export.export_to_transformers(GPT(GPTConfig(13, 8, 1, 2, 16)), 'unused')
 except ImportError as error:
     assert 'pip install' in str(error), error
 else:

@@ -1,8 +1,6 @@
 """The model: the series' small GPT (:mod:`~lora_lab.model.gpt`, one readable file after
 nanoGPT) and its checkpoints (:mod:`~lora_lab.model.checkpoint`, safetensors with the config
-inside). Nothing here knows about LoRA: adapters wrap this model from :mod:`lora_lab.lora`. The one
-exception, :mod:`~lora_lab.model.export` (the model and its adapters in transformers' GPT-2 format), is
-imported on its own: ``from lora_lab.model.export import export_to_transformers``.
+inside). Nothing here knows about LoRA: adapters wrap this model from :mod:`lora_lab.lora`.
 """
 
 from .checkpoint import CONFIG_METADATA_KEY, load_checkpoint, read_checkpoint_metadata, save_checkpoint

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.tokenizer import CharTokenizer
-from ..files import atomic_path, json_text, safetensors_bytes
-from ..lora import lora_modules
-from ..lora.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-from .gpt import GPT
+from .data.tokenizer import CharTokenizer
+from .files import atomic_path, json_text, safetensors_bytes
+from .lora import lora_modules
+from .lora.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from .model.gpt import GPT
 
 __all__ = ["export_to_transformers", "export_adapter", "transformers_module_name"]
 
