@@ -393,3 +393,21 @@ def test_export_refuses_bad_inputs_and_writes_nothing(tmp_path: Path) -> None:
     export_to_transformers(_our_gpt(bias=False), tmp_path / "again")
     assert not load_file(tmp_path / "again" / "model.safetensors")["transformer.h.0.attn.c_attn.bias"].any()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "mine"]
+
+
+def test_the_llama_benchmark_runs_quick(tmp_path: Path) -> None:
+    """benchmarks/bench_transformers.py --quick end to end (tiny sizes: no timing is judged)."""
+    import importlib.util
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_transformers", bench_dir / "bench_transformers.py")
+    module = importlib.util.module_from_spec(spec)
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        assert module.main(["--quick", "--json", str(tmp_path / "out.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [row["id"] for row in rows] == ["lora_lab_vs_full", "peft_vs_full", "lora_lab_vs_peft"]
+    assert all(row["ratio"] > 0 and row["spread"][0] <= row["ratio"] <= row["spread"][1] for row in rows)
