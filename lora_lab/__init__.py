@@ -13,6 +13,8 @@ Where things are:
 * ``lora_lab.experiment`` — the main job: its configuration, cached stages, typed results;
 * ``lora_lab.analysis`` — sweeps, the low-rank analysis of ΔW, figures;
 * ``lora_lab.checks`` — the graders of the notebooks' exercises.
+* ``lora_lab.export`` — the GPT and its adapters in Hugging Face transformers' format (imported on its own:
+  it needs transformers when an export runs).
 """
 
 from .lora import (

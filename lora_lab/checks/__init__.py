@@ -20,9 +20,11 @@ The graders, by exercise:
 - :mod:`.lora_layer` and :mod:`.lora_linear` (notebook 02): ``check_lora_layer``,
   ``check_lora_linear``, on the checks of the two factors in :mod:`.factors`;
 - :mod:`.models` (notebook 02): ``check_model_lora_count``;
+- :mod:`.conv1d` (notebook 08): ``check_conv1d_merge``;
 - :mod:`.result`: :class:`CheckResult` and the seeded runner they all share.
 """
 
+from .conv1d import check_conv1d_merge
 from .lora_layer import check_lora_layer
 from .lora_linear import check_lora_linear
 from .low_rank import check_compression_ratio, check_parameter_count, check_truncated_svd
@@ -37,4 +39,5 @@ __all__ = [
     "check_parameter_count",
     "check_compression_ratio",
     "check_model_lora_count",
+    "check_conv1d_merge",
 ]

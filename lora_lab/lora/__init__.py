@@ -6,10 +6,14 @@
   (the default of :func:`apply_lora_to_model`);
 * :mod:`~lora_lab.lora.inject` — adapting a whole model: :func:`apply_lora_to_model`,
   :func:`merge_lora`, :func:`disable_lora` and loralib's small API;
-* :mod:`~lora_lab.lora.adapters` — adapters on disk in Hugging Face PEFT's format.
+* :mod:`~lora_lab.lora.adapters` — adapters on disk in Hugging Face PEFT's format;
+* Hugging Face models: :mod:`~lora_lab.lora.conv1d` (:class:`LoRAConv1D` for transformers' ``Conv1D``),
+  :mod:`~lora_lab.lora.peft_options` (PEFT's keyword names, ``LoraConfig``, ``"all-linear"``) and
+  :mod:`~lora_lab.lora.save_guard` (``save_pretrained`` refused while adapted).
 """
 
 from .adapters import load_adapter, save_adapter
+from .conv1d import LoRAConv1D
 from .fused import FusedLoRALinear, lora_linear
 from .inject import (
     apply_lora_to_model,
@@ -27,6 +31,7 @@ from .layers import INIT_METHODS, LoRALayer, LoRALinear
 __all__ = [
     "INIT_METHODS",
     "FusedLoRALinear",
+    "LoRAConv1D",
     "LoRALayer",
     "LoRALinear",
     "apply_lora_to_model",

@@ -2,9 +2,10 @@
 
 A PEFT LoRA adapter (as checked with peft 0.21) is a directory holding two files:
 
-- ``adapter_model.safetensors``: for each adapted ``nn.Linear`` at module path ``<path>``,
-  ``base_model.model.<path>.lora_A.weight`` of shape ``(r, in)`` and ``...lora_B.weight`` of shape
-  ``(out, r)``: lora_lab's own layout, so nothing is transposed;
+- ``adapter_model.safetensors``: for each adapted ``nn.Linear`` (or transformers' ``Conv1D``) at module
+  path ``<path>``, ``base_model.model.<path>.lora_A.weight`` of shape ``(r, in)`` and ``...lora_B.weight``
+  of shape ``(out, r)``: lora_lab's own layout, so nothing is transposed (PEFT's ``fan_in_fan_out``, true
+  for ``Conv1D`` layers, says how the *base* weight is stored, not the adapter);
 - ``adapter_config.json``: ``r``, ``lora_alpha`` and ``use_rslora`` (which fix the scaling ``α/r``
   or ``α/√r``), ``target_modules`` and PEFT's bookkeeping.
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from ..files import atomic_path, json_text, safetensors_bytes
 from ..validation import check_positive_int, check_positive_real, passes
+from .conv1d import LoRAConv1D
 from .inject import lora_modules
 from .layers import LoRALinear
 
@@ -134,7 +136,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
         # Full module names: PEFT matches a list entry exactly or as a dotted suffix, so a full name picks that
         # layer, where a short name such as "q" could also pick same-named layers lora_lab did not adapt.
         "target_modules": sorted(layers), "rank_pattern": {}, "alpha_pattern": {},
-        "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "use_dora": False, "lora_bias": False,
+        # PEFT sets it per layer anyway (and warns when it corrects it): true when the adapted layers are Conv1D
+        "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for layer in layers.values()),
+        "bias": "none", "modules_to_save": None, "use_dora": False, "lora_bias": False,
         "layers_to_transform": None, "layers_pattern": None,
         "init_lora_weights": True,  # how A started does not matter once trained weights are loaded
     }  # fmt: skip

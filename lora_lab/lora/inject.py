@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 from ..validation import check_flag, check_positive_int, check_positive_real
+from . import save_guard
+from .conv1d import LoRAConv1D, is_conv1d, is_linear_like
 from .fused import FusedLoRALinear
 from .layers import LoRALinear
+from .peft_options import ALL_LINEAR, all_linear_targets, resolve_options
 
 __all__ = [
     "apply_lora_to_model",
@@ -48,12 +51,21 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def find_target_modules(model: nn.Module, target_modules: str | Sequence[str] | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` modules that :func:`apply_lora_to_model` would adapt.
+    """Names of the linear modules (``nn.Linear``, transformers' ``Conv1D``) that :func:`apply_lora_to_model`
+    would adapt. ``"all-linear"`` is PEFT's rule (every linear layer but the output head, see
+    :func:`~lora_lab.lora.peft_options.all_linear_targets`).
 
     Raises ``ValueError`` with the names of the model's linear layers when nothing matches,
-    and when a matched module is not an ``nn.Linear``.
+    and when a matched module is not linear.
     """
-    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linear_names = [name for name, module in model.named_modules() if is_linear_like(module)]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        target_modules = all_linear_targets(model)
+        if not target_modules:
+            raise ValueError(
+                "target_modules='all-linear' found no linear layer apart from the output head; the model's linear "
+                f"layers are: {', '.join(linear_names) or 'none'}"
+            )
     if target_modules is None:
         if not linear_names:
             raise ValueError("the model has no nn.Linear layer, so there is nothing to adapt with LoRA")
@@ -74,11 +86,11 @@ def find_target_modules(model: nn.Module, target_modules: str | Sequence[str] | 
             )
         target_modules = names
     matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, target_modules)]
-    not_linear = [f"{name} ({type(module).__name__})" for name, module in matched if not isinstance(module, nn.Linear)]
+    not_linear = [f"{name} ({type(module).__name__})" for name, module in matched if not is_linear_like(module)]
     if not_linear:
         raise ValueError(
             f"target_modules={target_modules!r} matched modules that are not nn.Linear: {', '.join(not_linear)}. "
-            "LoRA here adapts nn.Linear layers only; the model's linear layers are: "
+            "LoRA here adapts nn.Linear layers (and transformers' Conv1D) only; the model's linear layers are: "
             f"{', '.join(linear_names) or 'none'}"
         )
     if not matched:
@@ -107,25 +119,42 @@ def apply_lora_to_model(
     target_modules: str | Sequence[str] | None = None,
     *,
     fused: bool = True,
+    inplace: bool = False,
     **layer_options,
 ) -> nn.Module:
-    """Return a deep copy of ``model`` whose targeted ``nn.Linear`` layers are
-    :class:`LoRALinear`, with every parameter that is not an adapter frozen.
+    """Return a deep copy of ``model`` whose targeted linear layers are :class:`LoRALinear`
+    (:class:`~lora_lab.lora.conv1d.LoRAConv1D` for transformers' ``Conv1D``), with every parameter
+    that is not an adapter frozen.
 
     Args:
-        model: any ``nn.Module``; it is not modified.
-        rank, alpha: the adapters' rank ``r`` and ``α`` (scaling ``α / r``).
-        target_modules: ``None`` (every ``nn.Linear``, as the course does), a list of module
-            names matched exactly or as a dotted suffix, or one regex matched against the full
-            module name (PEFT's rules).
+        model: any ``nn.Module``; it is not modified (unless ``inplace``).
+        rank, alpha: the adapters' rank ``r`` and ``α`` (scaling ``α / r``). ``rank`` may also be a
+            ``peft.LoraConfig``, which then gives every setting.
+        target_modules: ``None`` (every linear layer, as the course does), ``"all-linear"`` (PEFT's
+            rule: all but the output head), a list of module names matched exactly or as a dotted
+            suffix, or one regex matched against the full module name (PEFT's rules).
         fused: build :class:`~lora_lab.lora.fused.FusedLoRALinear` layers (the default: the same
             function, computed faster); ``False`` builds the plain, readable :class:`LoRALinear`.
+        inplace: adapt ``model`` itself and return it, instead of a copy (no second copy of a big
+            model in memory); everything is checked before the model is touched.
         **layer_options: ``dropout``, ``init`` (``"kaiming"``, ``"gaussian"``, ``"course"``),
-            ``use_rslora`` — see :class:`~lora_lab.lora.layers.LoRALayer`.
+            ``use_rslora`` — see :class:`~lora_lab.lora.layers.LoRALayer` — and PEFT's names ``r``,
+            ``lora_alpha``, ``lora_dropout``, ``init_lora_weights``, ``bias``, ``fan_in_fan_out``
+            (see :mod:`~lora_lab.lora.peft_options`).
+
+    A transformers model's ``save_pretrained`` is refused while it holds LoRA layers (see
+    :mod:`~lora_lab.lora.save_guard`).
     """
+    resolved = resolve_options(rank, alpha, target_modules, layer_options)
+    rank, alpha, target_modules, layer_options = (
+        resolved.rank, resolved.alpha, resolved.target_modules, resolved.layer_options
+    )
     check_positive_int("rank", rank)
     check_positive_real("alpha", alpha)
+    if resolved.bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {resolved.bias!r}")
     layer_class = FusedLoRALinear if check_flag("fused", fused) else LoRALinear
+    check_flag("inplace", inplace)
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_lora_to_model needs an nn.Module, got {type(model).__name__}")
     existing = lora_modules(model)
@@ -143,11 +172,17 @@ def apply_lora_to_model(
             "projections (as lora_lab.model.GPT does), or target only other layers after replacing it."
         )
     targets = find_target_modules(model, target_modules)
-    adapted = copy.deepcopy(model)
+    # Build every layer before the first replacement, so that a bad option leaves an in-place model untouched.
+    adapted = model if inplace else copy.deepcopy(model)
+    new_layers = {}
     for name in targets:
         linear = adapted.get_submodule(name)
-        replace_module(adapted, name, layer_class(linear, rank=rank, alpha=alpha, **layer_options))
-    mark_only_lora_as_trainable(adapted)
+        new_class = LoRAConv1D if is_conv1d(linear) else layer_class
+        new_layers[name] = new_class(linear, rank=rank, alpha=alpha, **layer_options)
+    for name, layer in new_layers.items():
+        replace_module(adapted, name, layer)
+    mark_only_lora_as_trainable(adapted, bias=resolved.bias)
+    save_guard.guard(adapted)
     return adapted
 
 
@@ -205,6 +240,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
             # A new tensor, not an in-place write: the weight may be shared (a head tied to the embedding).
             linear.weight = nn.Parameter(new_weight, requires_grad=linear.weight.requires_grad)
         replace_module(merged, name, linear)
+    save_guard.unguard(merged)
+    save_guard.record_untied_head(merged)
     return merged
 
 
