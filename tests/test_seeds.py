@@ -13,12 +13,14 @@ import torch
 from lora_lab import cli
 from lora_lab.data import CharTokenizer
 from lora_lab.experiment import stages
+from lora_lab.experiment.config import get_profile
+from lora_lab.experiment.report import _report
 from lora_lab.experiment.results import RESULTS_FORMAT, ModelResult, ResultsError, RunResults
 from lora_lab.experiment.run import claims, run
 from lora_lab.experiment.seeds import Spread, seed_experiment, seed_list, spreads
 from lora_lab.model import GPT, GPTConfig
 from lora_lab.seeding import derived_seed
-from lora_lab.training import generate_samples
+from lora_lab.training import TrainHistory, generate_samples
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +180,14 @@ def test_samples_are_seeded_per_domain_and_prompt():
     assert 0 <= derived_seed(2**40, "x") < 2**63
     with pytest.raises(TypeError, match="one or more str or int labels"):
         derived_seed(3)
+
+
+def test_the_report_reads_the_course_recipe_at_the_courses_budget():
+    profile = get_profile("cpu")
+    ppl = {"base": 40.0, "lora_course": 2.6, "lora_course_5ep": 8.0, "lora": 1.61, "full": 1.63}
+    models = {name: ModelResult(value, 2.0, 1, 2, 0.0, None, 0.5, ["a\nb\nc\nd\ne\nf"]) for name, value in ppl.items()}
+    histories = {"lora_course_5ep": TrainHistory(steps=90)}
+    text = _report(profile, RunResults("builtin", "cpu", None, models, histories=histories))
+    closed = (40.0 - 8.0) / (40.0 - 1.63)
+    assert f"At the course's own budget (5 epochs, 90 steps) its recipe closes {closed:.0%} of the gap" in text
+    assert "```\na\nb\nc\nd\n```" in text and "\ne\n" not in text.split("## Samples")[1]  # four lines per sample
