@@ -2,10 +2,14 @@
 
 With Adam each entry of A and B moves by about the learning rate per step whatever the gradient's
 scale, and B starts at zero. After k steps ``B ≈ k·lr·U`` and ``ΔW x = (α/r)·B·A x``, so at a fixed
-rank the update's size goes with ``(α/r)·lr``: α and lr trade one for one. Across ranks the r
-columns of B grow together, each in the direction that lowers the loss, and their contributions
-add up: ``‖B A x‖`` grows about like r, so the size goes with ``(α/r)·lr·r = α·lr``. That is why
-Hu et al. keep α fixed when they vary r, and why the course's r=4, α=1 (scaling 0.25) moves slowly.
+rank, to first order, the update's size goes with ``(α/r)·lr``: α and lr trade one for one. Across
+ranks the r columns of B grow together, each in the direction that lowers the loss, and their
+contributions add up: ``‖B A x‖`` grows about like r, so the size goes with ``(α/r)·lr·r = α·lr``.
+That is why Hu et al. keep α fixed when they vary r, and why the course's r=4, α=1 (scaling 0.25)
+moves slowly. The first-order picture holds while A stays near its random start: A also moves by
+about lr per entry and step, so once ``k·lr`` is no longer small next to A's entries (about
+``1/√d_in``) a larger lr goes further than a larger α with the same product. The measurement shows
+how far each statement holds at a given number of steps.
 
 :func:`update_growth` checks this by measurement rather than by formula: it trains each setting for
 ``steps`` steps at a constant learning rate from the same base, the same batches and (per rank)
@@ -52,8 +56,9 @@ class GrowthSetting:
 
 
 #: Three groups of settings. ``fixed r, equal (α/r)·lr``: one rank, α and lr traded one for one —
-#: the sizes should agree. ``ranks, equal α·lr``: α and lr fixed as r grows 16× — they should
-#: agree too. ``ranks, equal (α/r)·lr``: α = 2r as r grows — the size should grow about like r.
+#: to first order the sizes agree (a larger lr also moves A: see the module's docstring). ``ranks,
+#: equal α·lr``: α and lr fixed as r grows 16× — they should stay close. ``ranks, equal (α/r)·lr``:
+#: α = 2r as r grows — the size should grow with r.
 GROWTH_GRID: tuple[GrowthSetting, ...] = (
     *(GrowthSetting("fixed r, equal (α/r)·lr", 16, a, lr) for a, lr in ((8.0, 4e-3), (32.0, 1e-3), (128.0, 2.5e-4))),
     *(GrowthSetting("ranks, equal α·lr", r, 32.0, 1e-3) for r in (4, 16, 64)),
