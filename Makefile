@@ -16,6 +16,8 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 RUN_ARGS ?=
 RUN_DIR ?= runs/builtin-cpu
+# Seeds of the run the PDF quotes (make pdf SEEDS=3: mean ± spread over seeds 0, 1, 2).
+SEEDS ?= 1
 
 .PHONY: setup run test lint notebooks student bench pdf clean
 
@@ -47,7 +49,7 @@ bench: setup
 	$(PY) benchmarks/bench.py --threads 1
 
 pdf: setup
-	$(PY) -m lora_lab run --profile cpu --sweep --out $(RUN_DIR)
+	$(PY) -m lora_lab run --profile cpu --sweep --seeds $(SEEDS) --out $(RUN_DIR)
 	$(PY) paper/build.py --run-dir $(RUN_DIR)
 
 clean:

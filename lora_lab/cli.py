@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         help="override a profile field by its dotted name, e.g. --set pretrain.epochs=2 or "
         "--set recipes.lora.rank=8 (repeatable)",
     )
+    run.add_argument("--seeds", type=int, default=1, metavar="N",
+                     help="train the comparison with N seeds (from the profile's seed on; the corpus is drawn once) "
+                     "and report each number as mean ± spread (default: 1)")
+    run.add_argument("--select-lr", action="store_true",
+                     help="pick each method's learning rate by a sweep on the target validation split (writes "
+                     "lr_selection.json); with --set finetune.keep_best=true, the fair setting for real text")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--sweep", action="store_true",
                      help="also run the rank sweep and write sweep.json, rank_sweep.png, spectrum.png")
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # Files only, no display: the backend must be chosen before the job's modules import pyplot.
     matplotlib.use("Agg")
 
-    from .experiment.report import OUTPUT_FILES, format_table
+    from .experiment.report import OUTPUT_FILES, format_table, seeds_line
     from .experiment.run import run
 
     try:
@@ -76,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             cache=args.cache,
             progress=not args.no_progress,
             sweep=args.sweep,
+            seeds=args.seeds,
+            select_lr=args.select_lr,
         )
     except (ValueError, OSError, FloatingPointError, RuntimeError) as error:  # OSError: missing, unreadable, full
         print(f"lora-lab: error: {error}", file=sys.stderr)
         return 2
     print(format_table(results))
+    print()
+    print(seeds_line(results))
     print()
     for name, ok in results.claims.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name.replace('_', ' ')}")

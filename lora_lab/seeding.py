@@ -9,13 +9,14 @@ GPU, ``deterministic`` asks for deterministic kernels but only warns where none 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "make_generator"]
+__all__ = ["seed_everything", "make_generator", "derived_seed"]
 
 
 def seed_everything(seed: int, *, deterministic: bool = True) -> None:
@@ -43,3 +44,16 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def derived_seed(seed: int, *labels: str | int) -> int:
+    """A seed for one named stream under ``seed``: ``derived_seed(0, "source", 2)`` for the third
+    source-domain prompt, say. Different labels give unrelated seeds (a SHA-256 of seed and
+    labels), so two streams never share random numbers, as ``seed + i`` for the i-th prompt of
+    two lists would; the same labels always give the same seed."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not labels or not all(isinstance(label, (str, int)) and not isinstance(label, bool) for label in labels):
+        raise TypeError(f"derived_seed needs one or more str or int labels, got {labels!r}")
+    blob = "\x1f".join(map(str, (seed, *labels))).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1  # < 2**63: fits torch's seeds

@@ -3,10 +3,13 @@ issue and the course ask for."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lora_lab.data.grammar import builtin_corpus
 from lora_lab.experiment.config import (
+    COURSE_BUDGET_RECIPE,
     COURSE_RECIPE,
     PROFILES,
     TUNED_RECIPE,
@@ -39,7 +42,13 @@ def test_profiles_are_ordered_by_cost():
 
 def test_every_profile_runs_the_course_and_the_tuned_recipe():
     for profile in PROFILES.values():
-        assert [r.name for r in profile.recipes] == [COURSE_RECIPE, TUNED_RECIPE]
+        names = [r.name for r in profile.recipes]
+        # the cpu profile's budget is 30 epochs: there the course's recipe also runs at the course's 5
+        extra = [COURSE_BUDGET_RECIPE] if profile.name == "cpu" else []
+        assert names == [COURSE_RECIPE, *extra, TUNED_RECIPE], profile.name
+    course_5ep = PROFILES["cpu"].recipe(COURSE_BUDGET_RECIPE)
+    assert dataclasses.replace(course_5ep, name=COURSE_RECIPE, epochs=None) == PROFILES["cpu"].recipe(COURSE_RECIPE)
+    assert course_5ep.epochs == 5.0
 
 
 def test_the_word_seed_means_the_random_seed_only():
@@ -67,7 +76,8 @@ def test_a_recipe_is_overridden_by_its_name():
     tuned = p.recipe(TUNED_RECIPE)
     assert (tuned.rank, tuned.target_modules) == (8, ("q", "v"))
     assert p.recipe(COURSE_RECIPE) == PROFILES["cpu"].recipe(COURSE_RECIPE)
-    with pytest.raises(ValueError, match="profile 'cpu' has no recipe 'lora_big'; its recipes are: lora_course, lora"):
+    recipes = "lora_course, lora_course_5ep, lora"
+    with pytest.raises(ValueError, match=f"profile 'cpu' has no recipe 'lora_big'; its recipes are: {recipes}"):
         get_profile("cpu", {"recipes.lora_big.rank": 8})
     with pytest.raises(ValueError, match="recipes.lora.use_rslora: 'yes' is not true or false"):
         get_profile("cpu", {"recipes.lora.use_rslora": "yes"})

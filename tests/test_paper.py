@@ -406,7 +406,7 @@ def test_changed_numbers_and_missing_optional_pieces(tmp_path):
     run = _copy_fixture(tmp_path / "run")
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
     old = f"{results['models']['lora']['target_ppl']:.3f}"
-    results["models"]["lora"]["target_ppl"] = 1.7321
+    _set_lora_target_ppl(results, 1.7321)
     (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
     (run / "sweep.json").unlink()
     (run / "spectrum.png").unlink()
@@ -606,11 +606,18 @@ def _fail_replace_onto(monkeypatch, should_fail) -> None:
     monkeypatch.setattr(os, "replace", replace)
 
 
+def _set_lora_target_ppl(results: dict, value: float) -> None:
+    """Change the tuned LoRA's target perplexity in decoded results.json: in ``models`` and, the
+    fixture being a one-seed run, in its values over the seeds, which must agree."""
+    results["models"]["lora"]["target_ppl"] = value
+    results["across_seeds"]["lora"]["target_ppl"] = {"values": [value], "mean": value, "min": value, "max": value}
+
+
 def _run_with_new_numbers(tmp_path: Path) -> Path:
     """A run folder whose snapshot would differ from the built one in results.json."""
     run = _copy_fixture(tmp_path / "run")
     results = _fixture_results()
-    results["models"]["lora"]["target_ppl"] = 1.7321
+    _set_lora_target_ppl(results, 1.7321)
     (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
     return run
 

@@ -49,11 +49,14 @@ __all__ = [
 # --- style -----------------------------------------------------------------------------------
 
 #: One colour per model of the main job, in every figure.
-MODEL_COLORS = {"base": "#7f7f7f", "lora_course": "#9ecae1", "lora": "#3182bd", "full": "#e6550d"}
+MODEL_COLORS = {
+    "base": "#7f7f7f", "lora_course": "#9ecae1", "lora_course_5ep": "#c6dbef", "lora": "#3182bd", "full": "#e6550d"
+}  # fmt: skip
 #: The models' names in legends.
 LABELS = {
     "base": "base (no fine-tuning)",
     "lora_course": "LoRA, course recipe",
+    "lora_course_5ep": "LoRA, course recipe, 5 epochs",
     "lora": "LoRA, tuned recipe",
     "full": "full fine-tuning",
 }
@@ -67,7 +70,10 @@ LINE_STYLES = {
     "lora": {"marker": "o", "ls": "--", "lw": 1.5, "markersize": 4, "zorder": 4},
 }
 #: Short versions of LABELS for bar charts: four bars share ~4.5 in, ~10 characters a line at 14 pt.
-TICK_LABELS = {"base": "base", "lora_course": "LoRA\n(course)", "lora": "LoRA\n(tuned)", "full": "full\nfine-tuning"}
+TICK_LABELS = {
+    "base": "base", "lora_course": "LoRA\n(course)", "lora_course_5ep": "course\n5 ep.", "lora": "LoRA\n(tuned)",
+    "full": "full\nfine-tuning",
+}  # fmt: skip
 
 #: The figures keep their notebook sizes (about 11 in wide for two panels) and the companion PDF
 #: shrinks them to its 16.2 cm (6.4 in) text width, i.e. to ~58%: 14-pt text prints as ~8 pt,

@@ -11,16 +11,22 @@ import matplotlib.pyplot as plt
 
 from ..analysis.figures import plot_loss_curves, plot_perplexities
 from ..files import atomic_path, atomic_write_text, format_bytes
-from .config import COURSE_RECIPE, TUNED_RECIPE, Profile
+from .config import COURSE_BUDGET_RECIPE, COURSE_RECIPE, TUNED_RECIPE, Profile
 from .results import RunResults
+from .seeds import Spread
 
-__all__ = ["format_table", "write_outputs", "OUTPUT_FILES"]
+__all__ = ["format_table", "seeds_line", "sample_excerpt", "write_outputs", "OUTPUT_FILES", "SAMPLE_LINES"]
 
 OUTPUT_FILES = ("results.json", "report.md", "loss_curves.png", "perplexities.png")
 
+#: Lines of each sample the report prints (the whole samples are in results.json).
+SAMPLE_LINES = 4
+
 
 def format_table(results: RunResults) -> str:
-    """The comparison as a Markdown table, models in the order the run trained them."""
+    """The comparison as a Markdown table, models in the order the run trained them. Over several
+    seeds perplexities and validity read ``mean ± d`` (every seed within d of the mean; see
+    :func:`seeds_line`); sizes and times are the first seed's."""
     floors = results.entropy_floor_ppl
     lines = [
         "| model | target ppl | source ppl | trainable params | total params | train s | artifact | valid target |",
@@ -28,14 +34,38 @@ def format_table(results: RunResults) -> str:
     ]
     if floors:
         lines.append(f"| *entropy floor* | {floors['target']:.3f} | {floors['source']:.3f} | | | | | |")
+    table = results.seed_table()
     for name, e in results.models.items():
-        valid = "—" if e.valid_target_rate is None else f"{e.valid_target_rate:.0%}"
+        valid = "—" if e.valid_target_rate is None else _percent(table[name]["valid_target_rate"])
         size = "—" if e.artifact_bytes is None else format_bytes(e.artifact_bytes)
         lines.append(
-            f"| {name} | {e.target_ppl:.3f} | {e.source_ppl:.3f} | {e.trainable_params:,} | "
-            f"{e.total_params:,} | {e.train_seconds:.1f} | {size} | {valid} |"
+            f"| {name} | {table[name]['target_ppl'].format()} | {table[name]['source_ppl'].format()} | "
+            f"{e.trainable_params:,} | {e.total_params:,} | {e.train_seconds:.1f} | {size} | {valid} |"
         )
     return "\n".join(lines)
+
+
+def _percent(spread: Spread) -> str:
+    if len(spread.values) == 1:
+        return f"{spread.mean:.0%}"
+    return f"{spread.mean:.0%} ± {100 * spread.deviation:.0f}"
+
+
+def seeds_line(results: RunResults) -> str:
+    """Which seeds the numbers come from and how to read ``±``."""
+    seeds = ", ".join(map(str, results.seeds))
+    if len(results.seeds) == 1:
+        return f"One seed ({seeds}): each number is one training run."
+    return (
+        f"Seeds {seeds} (the corpus drawn once; the training seeds vary): perplexities and validity are "
+        "the mean ± the largest distance of a seed from it, so every seed lies inside; claims are judged "
+        "at the unfavourable end of each range. Parameters, time and size are the first seed's."
+    )
+
+
+def sample_excerpt(sample: str, lines: int = SAMPLE_LINES) -> str:
+    """The first ``lines`` lines of a sample (the prompt's line included)."""
+    return "\n".join(sample.split("\n")[:lines]).rstrip("\n")
 
 
 def _gap_closed(results: RunResults, name: str) -> float:
@@ -58,6 +88,8 @@ def _report(profile: Profile, results: RunResults) -> str:
         "",
         format_table(results),
         "",
+        seeds_line(results),
+        "",
         "![loss curves](loss_curves.png)",
         "",
         "![perplexities](perplexities.png)",
@@ -76,6 +108,13 @@ def _report(profile: Profile, results: RunResults) -> str:
             "learning rate suggests, so in the same number of steps it moves less. The tuned recipe uses "
             f"r={tuned.rank}, α={tuned.alpha:g} (scaling {tuned.alpha / tuned.rank:g}) and lr {tuned.lr:g}."
         )
+    if COURSE_BUDGET_RECIPE in m and COURSE_BUDGET_RECIPE in results.histories:
+        steps = results.histories[COURSE_BUDGET_RECIPE].steps
+        parts.append(
+            f"- At the course's own budget ({profile.recipe(COURSE_BUDGET_RECIPE).epochs:g} epochs, {steps} steps) "
+            f"its recipe closes {_gap_closed(results, COURSE_BUDGET_RECIPE):.0%} of the gap: the course's setting, "
+            "as the course ran it."
+        )
     parts.append(
         f"- Forgetting: source perplexity goes {base.source_ppl:.3f} → {lora.source_ppl:.3f} with LoRA and "
         f"→ {full.source_ppl:.3f} with full fine-tuning."
@@ -84,10 +123,12 @@ def _report(profile: Profile, results: RunResults) -> str:
         parts.append("- The entropy floor is exact (computed from the corpus's grammars): no model can go below it.")
     parts += ["", "## Claims", ""]
     parts += [f"- {'✅' if ok else '❌'} {name.replace('_', ' ')}" for name, ok in results.claims.items()]
-    parts += ["", "## Samples (fixed prompts and seed)", ""]
+    parts += ["", f"## Samples (fixed prompts, seed {results.seeds[0]}; the first {SAMPLE_LINES} lines of each)", ""]
     for name, entry in m.items():
         parts.append(f"### {name}\n")
-        parts += ["```", *[s.rstrip("\n") for s in entry.samples], "```", ""]
+        for sample in entry.samples:
+            parts += ["```", sample_excerpt(sample), "```"]
+        parts.append("")
     return "\n".join(parts)
 
 

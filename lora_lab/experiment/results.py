@@ -4,15 +4,23 @@ The main job builds a :class:`RunResults` and writes it with :meth:`RunResults.t
 notebooks and ``paper/build.py`` read it back with :meth:`RunResults.from_json`, which checks
 every field and names every problem it finds (:class:`ResultsError`)::
 
-    {"corpus": str, "profile": str,
+    {"format": 2, "corpus": str, "profile": str,
      "entropy_floor_ppl": {"source": float, "target": float} | null,
      "models": {"base": M, "lora_course": M, "lora": M, "full": M},
+     "seeds": [int, ...],
+     "across_seeds": {name: {"target_ppl": S, "source_ppl": S, "valid_target_rate": S (built-in corpus only)}},
      "recipes": {name: {"rank", "alpha", "lr", "target_modules", "epochs", "use_rslora"}},
      "profile_settings": {...}, "corpus_sha256": str, "split_sizes": {split: characters},
      "machine": str, "histories": {name: {"train_loss", "val_loss", "seconds", "steps"}},
      "claims": {claim: bool}, "note": str (optional)}
     M = {"target_ppl", "source_ppl", "trainable_params", "total_params", "train_seconds",
          "artifact_bytes" (null: none), "valid_target_rate" (null for real text), "samples": [str]}
+    S = {"values": [one per seed], "mean", "min", "max"}
+
+``models`` (and ``histories``) describe the run with the first seed; ``across_seeds`` holds every
+seed's value and their mean and range (:mod:`lora_lab.experiment.seeds`). Format 2 added
+``format``, ``seeds`` and ``across_seeds``; a format-1 file (lora_lab before multi-seed runs, one
+seed) is refused with the advice to rerun ``lora-lab run``.
 """
 
 from __future__ import annotations
@@ -24,8 +32,13 @@ from dataclasses import dataclass, field
 
 from ..files import json_text
 from ..training import TrainHistory
+from .seeds import SPREAD_METRICS as SPREAD_KEYS
+from .seeds import Spread, spreads
 
-__all__ = ["ModelResult", "RunResults", "ResultsError", "REQUIRED_MODELS"]
+__all__ = ["ModelResult", "RunResults", "ResultsError", "REQUIRED_MODELS", "RESULTS_FORMAT"]
+
+#: The version of results.json's layout; bumped when a field is added, renamed or changes meaning.
+RESULTS_FORMAT = 2
 
 #: The models every run evaluates (its recipes add more).
 REQUIRED_MODELS = ("base", "lora", "full")
@@ -107,7 +120,10 @@ class RunResults:
     corpus: str
     profile: str
     entropy_floor_ppl: dict[str, float] | None
-    models: dict[str, ModelResult]
+    models: dict[str, ModelResult]  # the run with the first seed
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # {model: {metric: Spread}} over several seeds; with one seed it is left empty and follows ``models``
+    across_seeds: dict[str, dict[str, Spread]] = field(default_factory=dict)
     recipes: dict[str, dict] = field(default_factory=dict)
     profile_settings: dict = field(default_factory=dict)
     corpus_sha256: str = ""
@@ -117,9 +133,28 @@ class RunResults:
     claims: dict[str, bool] = field(default_factory=dict)
     note: str | None = None
 
+    def __post_init__(self) -> None:
+        if len(self.seeds) > 1 and not self.across_seeds:
+            raise ValueError(f"a run over seeds {self.seeds} needs across_seeds (a Spread per model and metric)")
+
+    def seed_table(self) -> dict[str, dict[str, Spread]]:
+        """``{model: {metric: Spread}}`` over the run's seeds; with one seed, one-value spreads of ``models``."""
+        return self.across_seeds if len(self.seeds) > 1 else spreads([self.models])
+
+    def spread(self, name: str, metric: str) -> Spread:
+        """``metric`` of model ``name`` over the run's seeds (a one-value spread for one seed)."""
+        try:
+            return self.seed_table()[name][metric]
+        except KeyError:
+            raise KeyError(f"results.json has no {metric!r} over seeds for model {name!r}") from None
+
     def to_dict(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data = {"format": RESULTS_FORMAT, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
         data["models"] = {name: entry.to_dict() for name, entry in self.models.items()}
+        data["across_seeds"] = {
+            name: {metric: spread.to_dict() for metric, spread in metrics.items()}
+            for name, metrics in self.seed_table().items()
+        }
         data["histories"] = {name: history.to_dict() for name, history in self.histories.items()}
         if self.note is None:
             del data["note"]
@@ -148,6 +183,13 @@ class RunResults:
             profile=data["profile"],
             entropy_floor_ppl=data["entropy_floor_ppl"],
             models={name: ModelResult.from_dict(entry) for name, entry in data["models"].items()},
+            seeds=list(data["seeds"]),
+            across_seeds={  # checked above to agree with "models" when there is one seed
+                name: {metric: Spread.from_dict(spread) for metric, spread in metrics.items()}
+                for name, metrics in data["across_seeds"].items()
+            }
+            if len(data["seeds"]) > 1
+            else {},
             recipes=data.get("recipes", {}),
             profile_settings=data.get("profile_settings", {}),
             corpus_sha256=data.get("corpus_sha256", ""),
@@ -163,8 +205,14 @@ class RunResults:
         """Every way ``data`` (decoded JSON) breaks the contract; empty when it holds."""
         if not isinstance(data, dict):
             return [f"expected a JSON object, got {type(data).__name__}"]
+        if "format" not in data:
+            return [f"'format' is missing: this file was written by an older lora_lab (format 1, before "
+                    f"multi-seed runs); rerun `lora-lab run` to write format {RESULTS_FORMAT}"]  # fmt: skip
+        if data["format"] != RESULTS_FORMAT:
+            return [f"'format' is {data['format']!r}, this lora_lab reads format {RESULTS_FORMAT}; "
+                    "rerun `lora-lab run` with this lora_lab, or read it with the lora_lab that wrote it"]  # fmt: skip
         problems = [f"'{key}' must be a string" for key in ("corpus", "profile") if not isinstance(data.get(key), str)]
-        known = [f.name for f in dataclasses.fields(RunResults)]
+        known = ["format", *(f.name for f in dataclasses.fields(RunResults))]
         problems += [f"'{key}' is not a field of results.json (an older lora_lab's? 'checks' is now 'claims'); "
                      f"the fields are: {', '.join(known)}" for key in data if key not in known]  # fmt: skip
         if "entropy_floor_ppl" not in data:
@@ -183,6 +231,7 @@ class RunResults:
                      for name in REQUIRED_MODELS if name not in models]  # fmt: skip
         for name, entry in models.items():
             problems += ModelResult.problems(name, entry)
+        problems += _seed_problems(data, models)
         for key in ("recipes", "profile_settings", "split_sizes", "histories", "claims"):
             if key in data and not isinstance(data[key], dict):
                 problems.append(f"'{key}' must be an object when present")
@@ -215,6 +264,34 @@ class RunResults:
         if not all(isinstance(ok, bool) for _, ok in _items(data, "claims")):
             problems.append("claims must map claim names to true/false")
         return problems
+
+
+def _seed_problems(data: dict, models: dict) -> list[str]:
+    """What is wrong with ``seeds`` and ``across_seeds``: one spread per model and metric, one
+    value per seed, the first seed's value the one ``models`` holds."""
+    seeds = data.get("seeds")
+    if not (isinstance(seeds, list) and seeds and all(_is_count(s) for s in seeds) and len(set(seeds)) == len(seeds)):
+        return [f"'seeds' must be a non-empty list of distinct non-negative integers, got {seeds!r}"]
+    table = data.get("across_seeds")
+    if not isinstance(table, dict):
+        return ["'across_seeds' must be an object {model: {metric: {values, mean, min, max}}}"]
+    problems = [f"across_seeds.{name} is not a model of 'models'" for name in table if name not in models]
+    for name, entry in models.items():
+        metrics = table.get(name)
+        if not isinstance(metrics, dict):
+            problems.append(f"across_seeds.{name} is missing (every model needs its values over the seeds)")
+            continue
+        expected = [m for m in SPREAD_KEYS if isinstance(entry, dict) and entry.get(m) is not None]
+        if sorted(metrics) != sorted(expected):
+            problems.append(f"across_seeds.{name} must hold exactly {expected}, got {sorted(metrics)}")
+            continue
+        for metric in expected:
+            where = f"across_seeds.{name}.{metric}"
+            found = Spread.problems(where, metrics[metric], len(seeds))
+            if not found and metrics[metric]["values"][0] != entry[metric]:
+                found = [f"{where}.values[0] must be the first seed's value, models.{name}.{metric}"]
+            problems += found
+    return problems
 
 
 def _is_history(history: object) -> bool:

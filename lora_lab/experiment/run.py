@@ -5,6 +5,11 @@ returns a :class:`TrainedModel`; :func:`evaluate` turns each into a :class:`Mode
 are gathered in one :class:`RunResults`, whose claims are checked by :func:`claims`, and
 :func:`lora_lab.experiment.report.write_outputs` writes ``results.json``, ``report.md`` and the
 figures into the output folder.
+
+With ``seeds=N`` the comparison is trained once per seed (:mod:`lora_lab.experiment.seeds`: the
+corpus is drawn once, the training seeds vary), every seed's stages cached as a one-seed run's
+are; ``results.json`` then lists the seeds and every model's values over them, and the claims are
+judged on those ranges.
 """
 
 from __future__ import annotations
@@ -13,14 +18,29 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..analysis.ablations import lr_table, select_lrs
 from ..analysis.sweeps import SWEEP_FILES, analyse_run
+from ..files import atomic_write_text, json_text
 from ..runtime import machine_description
 from .config import TUNED_RECIPE
 from .report import write_outputs
-from .results import RunResults
-from .stages import entropy_floors, evaluate, full_finetuned, lora_finetuned, prepare, pretrained_base
+from .results import ModelResult, RunResults
+from .seeds import seed_experiment, seed_list, spreads
+from .stages import (
+    Experiment,
+    TrainedModel,
+    entropy_floors,
+    evaluate,
+    full_finetuned,
+    lora_finetuned,
+    prepare,
+    pretrained_base,
+)
 
-__all__ = ["run", "claims"]
+__all__ = ["run", "claims", "LR_SELECTION_FILE"]
+
+#: What ``select_lr=True`` writes next to results.json: every run of its learning-rate sweeps.
+LR_SELECTION_FILE = "lr_selection.json"
 
 
 def run(
@@ -33,6 +53,8 @@ def run(
     cache: str | os.PathLike | None = None,
     progress: bool = True,
     sweep: bool = False,
+    seeds: int = 1,
+    select_lr: bool = False,
 ) -> RunResults:
     """Run the whole comparison, write its artifacts into ``out`` and return its results.
 
@@ -42,18 +64,37 @@ def run(
     (:func:`lora_lab.analysis.sweeps.analyse_run`; the companion PDF uses them); without it, those
     files left in ``out`` by an earlier run are removed, since they would not describe these
     results. An ``out`` that is a file is refused before training.
+
+    ``seeds`` trains the comparison once per seed, from the profile's ``seed`` on (the default,
+    1, is the one-seed run; 3 gives seeds 0, 1, 2 on the default profile). ``models``,
+    ``histories``, the samples and the sweep are the first seed's.
+
+    ``select_lr=True`` first picks each method's learning rate (every recipe's and full
+    fine-tuning's) by the lowest target validation perplexity over one grid
+    (:func:`lora_lab.analysis.ablations.select_lrs`, with the first seed), runs the comparison
+    with those, and writes the sweep's runs to ``lr_selection.json``. With
+    ``--set finetune.keep_best=true`` each fine-tuning also keeps its best-validation checkpoint:
+    together, the fair setting for real text, where no recipe was tuned beforehand.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():  # found now, not after the training
         raise NotADirectoryError(f"the output folder {out} is a file; pass a folder with --out (it is created)")
     exp = prepare(corpus, profile, overrides=overrides, device=device, cache=cache, progress=progress)
-    base = pretrained_base(exp)
-    trained = [base, *(lora_finetuned(exp, base, recipe) for recipe in exp.profile.recipes), full_finetuned(exp, base)]
+    seed_values = seed_list(exp.profile.seed, seeds)
+    lr_runs = None
+    if select_lr:
+        exp, lr_runs = select_lrs(exp, pretrained_base(exp))
+    trained, measured = _compare(exp)
+    per_seed = [measured]
+    for seed in seed_values[1:]:  # one seed's models at a time: memory does not grow with the seeds
+        per_seed.append(_compare(seed_experiment(exp, seed))[1])
     results = RunResults(
         corpus=exp.corpus.name,
         profile=exp.profile.name,
         entropy_floor_ppl=entropy_floors(exp),
-        models={model.name: evaluate(exp, model) for model in trained},
+        models=measured,
+        seeds=seed_values,
+        across_seeds=spreads(per_seed) if len(per_seed) > 1 else {},
         recipes={recipe.name: recipe.to_dict() for recipe in exp.profile.recipes},
         profile_settings=exp.profile.to_dict(),
         corpus_sha256=exp.corpus.sha256,
@@ -64,30 +105,56 @@ def run(
     results.claims = claims(results)
     if sweep:
         by_name = {model.name: model for model in trained}
-        analyse_run(exp, base, by_name["full"], by_name[TUNED_RECIPE], out, reference=results.models)
+        analyse_run(exp, by_name["base"], by_name["full"], by_name[TUNED_RECIPE], out, reference=results.models)
     else:  # an earlier run's sweep would otherwise sit next to these results, and the PDF would quote it
         for name in SWEEP_FILES:
             (out / name).unlink(missing_ok=True)
     write_outputs(exp.profile, results, out)
+    if lr_runs is not None:
+        atomic_write_text(out / LR_SELECTION_FILE, json_text({"runs": lr_runs, "table": lr_table(lr_runs)}))
+    else:  # an earlier run's selection would not describe these results
+        (out / LR_SELECTION_FILE).unlink(missing_ok=True)
     return results
+
+
+def _compare(exp: Experiment) -> tuple[list[TrainedModel], dict[str, ModelResult]]:
+    """One seed's comparison: base, every recipe, full fine-tuning, trained (or loaded) and measured."""
+    base = pretrained_base(exp)
+    trained = [base, *(lora_finetuned(exp, base, recipe) for recipe in exp.profile.recipes), full_finetuned(exp, base)]
+    return trained, {model.name: evaluate(exp, model) for model in trained}
 
 
 def claims(results: RunResults) -> dict[str, bool]:
     """The comparison's claims, each true or false (the cpu profile must make them all true on
-    the built-in corpus; README reports them)."""
-    m = results.models
-    base, lora, full = m["base"], m[TUNED_RECIPE], m["full"]
-    gap = base.target_ppl - full.target_ppl
+    the built-in corpus; README reports them).
+
+    Each claim is judged at the unfavourable end of every range over the seeds
+    (:meth:`RunResults.seed_table`): "LoRA forgets less than full fine-tuning" holds only if
+    LoRA's highest source perplexity is below full fine-tuning's lowest, so a difference inside
+    the spread is no claim. With one seed every range is a single value and this is the plain
+    comparison.
+    """
+
+    def low(name: str, metric: str) -> float:
+        return results.spread(name, metric).low
+
+    def high(name: str, metric: str) -> float:
+        return results.spread(name, metric).high
+
+    lora, target, source = TUNED_RECIPE, "target_ppl", "source_ppl"
+    worst_gap = high("base", target) - low("full", target)
     checked = {
-        "lora_beats_base_on_target": lora.target_ppl < base.target_ppl,
-        "lora_within_10pct_of_full": lora.target_ppl <= 1.10 * full.target_ppl,
-        "lora_closes_70pct_of_gap": gap > 0 and (base.target_ppl - lora.target_ppl) >= 0.70 * gap,
-        "lora_forgets_less_than_full": lora.source_ppl - base.source_ppl < full.source_ppl - base.source_ppl,
+        "lora_beats_base_on_target": high(lora, target) < low("base", target),
+        "lora_within_10pct_of_full": high(lora, target) <= 1.10 * low("full", target),
+        "lora_closes_70pct_of_gap": low("base", target) > high("full", target)
+        and (low("base", target) - high(lora, target)) >= 0.70 * worst_gap,
+        "lora_forgets_less_than_full": high(lora, source) < low("full", source),
     }
     floors = results.entropy_floor_ppl
     if floors:
-        checked["lora_samples_80pct_valid"] = (lora.valid_target_rate or 0.0) >= 0.80
+        validity = results.seed_table()[lora].get("valid_target_rate")
+        checked["lora_samples_80pct_valid"] = validity is not None and validity.low >= 0.80
         checked["no_model_below_floor"] = all(
-            e.target_ppl >= floors["target"] and e.source_ppl >= floors["source"] for e in m.values()
+            low(name, target) >= floors["target"] and low(name, source) >= floors["source"] for name in results.models
         )
     return checked

@@ -178,6 +178,12 @@ def _base_key(exp: Experiment) -> str:
     )
 
 
+def _best(exp: Experiment) -> dict[str, bool]:
+    """The cache key's part for early stopping: present only when it is on, so that every key of
+    a run without it is what it always was."""
+    return {"keep_best": True} if exp.profile.finetune.keep_best else {}
+
+
 def _train(exp: Experiment, model: nn.Module, part: str, config: TrainConfig, desc: str, **options) -> TrainHistory:
     splits = exp.splits
     train_data, val_data = getattr(splits, f"{part}_train"), getattr(splits, f"{part}_val")
@@ -217,7 +223,7 @@ def lora_finetuned(exp: Experiment, base: TrainedModel[GPT], recipe: LoRARecipe 
     if isinstance(recipe, str):
         recipe = exp.profile.recipe(recipe)
     config = exp.profile.finetune_config(recipe.lr, recipe.epochs)
-    key = _key(stage="lora", base=_base_key(exp), recipe=recipe.settings(), train=config.__dict__)
+    key = _key(stage="lora", base=_base_key(exp), recipe=recipe.settings(), train=config.__dict__, **_best(exp))
     seed_everything(config.seed)  # A's random init comes from the global generator
     model = apply_lora_to_model(
         base.model,
@@ -229,7 +235,7 @@ def lora_finetuned(exp: Experiment, base: TrainedModel[GPT], recipe: LoRARecipe 
     trainable, _ = count_parameters(model)
 
     def build(work: Path) -> TrainHistory:
-        history = _train(exp, model, "target", config, recipe.name)
+        history = _train(exp, model, "target", config, recipe.name, keep_best=exp.profile.finetune.keep_best)
         save_adapter(model, work / "adapter")
         return history
 
@@ -245,14 +251,15 @@ def lora_finetuned(exp: Experiment, base: TrainedModel[GPT], recipe: LoRARecipe 
 def full_finetuned(exp: Experiment, base: TrainedModel[GPT]) -> TrainedModel[GPT]:
     """A copy of ``base`` with every weight fine-tuned on the target part."""
     config = exp.profile.finetune_config(exp.profile.full.lr)
-    key = _key(stage="full", base=_base_key(exp), train=config.__dict__)
+    key = _key(stage="full", base=_base_key(exp), train=config.__dict__, **_best(exp))
 
     def build(work: Path) -> TrainHistory:
         seed_everything(config.seed)
         model = copy.deepcopy(base.model)  # a private copy: a failed run just discards it
         for param in model.parameters():
             param.requires_grad = True
-        history = _train(exp, model, "target", config, "full fine-tuning", restore_on_error=False)
+        history = _train(exp, model, "target", config, "full fine-tuning", restore_on_error=False,
+                         keep_best=exp.profile.finetune.keep_best)  # fmt: skip
         save_checkpoint(model, work / "model.safetensors")
         return history
 

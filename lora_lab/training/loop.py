@@ -88,6 +88,7 @@ def train(
     desc: str = "training",
     progress: bool = True,
     restore_on_error: bool = True,
+    keep_best: bool = False,
 ) -> TrainHistory:
     """Train ``model`` (its parameters with ``requires_grad``) with AdamW on next-token
     prediction over ``train_data``, validating on ``val_data`` at the start, every
@@ -100,7 +101,15 @@ def train(
     needs a copy of the trainable parameters, for full fine-tuning a second copy of the model:
     a caller that trains a throwaway copy (as :mod:`lora_lab.experiment.stages` does) passes
     ``restore_on_error=False`` and discards the model instead.
+
+    With ``keep_best=True`` (early stopping by checkpoint) the model ends with the trainable
+    parameters it had at the validation point of lowest validation loss, the start included, so
+    a run that over-fits, or never improves, is judged by its best point rather than its last
+    step. That point is the argmin of the history's ``val_loss``; the history still records every
+    step. It needs ``val_data``.
     """
+    if keep_best and val_data is None:
+        raise ValueError("keep_best keeps the checkpoint of lowest validation loss, so it needs val_data")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter (every requires_grad is False); nothing to train")
@@ -109,7 +118,7 @@ def train(
     # Kept so that a failed run leaves the model exactly as it was given.
     snapshot = [p.detach().clone() for p in params] if restore_on_error else None
     try:
-        return _train(model, params, train_data, val_data, config, block_size, device, desc, progress)
+        return _train(model, params, train_data, val_data, config, block_size, device, desc, progress, keep_best)
     except BaseException:
         if snapshot is None:
             raise
@@ -131,6 +140,7 @@ def _train(
     device: torch.device,
     desc: str,
     progress: bool,
+    keep_best: bool = False,
 ) -> TrainHistory:
     model.to(device)
     # Decay matrices only (as nanoGPT does): biases and LayerNorm gains are not decayed.
@@ -144,10 +154,14 @@ def _train(
     eval_every = max(1, steps // max(1, config.eval_points))
     result = TrainHistory(steps=steps)
 
+    best: list = []  # with keep_best: [loss, copies of the trainable parameters] at the best point so far
+
     def validate(step: int) -> None:
         if val_data is not None:
             loss = mean_loss(model, val_data, block_size, device=device, max_windows=config.eval_max_windows)
             result.val_loss.append((step, loss))
+            if keep_best and (not best or loss < best[0]):
+                best[:] = [loss, [p.detach().clone() for p in params]]
 
     validate(0)
     model.train()
@@ -179,5 +193,9 @@ def _train(
                 model.train()
                 start = time.perf_counter()
         result.seconds += time.perf_counter() - start
+    if keep_best:
+        with torch.no_grad():
+            for param, saved in zip(params, best[1]):
+                param.copy_(saved)
     model.eval()
     return result

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..seeding import derived_seed
+
 __all__ = ["mean_loss", "perplexity", "generate_samples"]
 
 
@@ -86,12 +88,19 @@ def generate_samples(
     top_k: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    domain: str | None = None,
 ) -> list[str]:
     """One continuation per prompt (prompt included), reproducible from ``seed``: prompt
-    ``i`` is sampled with seed ``seed + i`` so adding a prompt does not change the others."""
+    ``i`` is sampled with seed ``seed + i`` so adding a prompt does not change the others.
+
+    Given a ``domain`` (a label such as ``"source"``), prompt ``i`` is sampled with
+    :func:`lora_lab.seeding.derived_seed` ``(seed, domain, i)`` instead, so that the prompts of
+    two domains sampled with one ``seed`` draw different random numbers (with ``seed + i`` the
+    i-th prompt of each list would share them, and two lists of equal prompts give equal text)."""
     samples = []
     for i, prompt in enumerate(prompts):
         idx = tokenizer.encode(prompt)[None, :].to(device)
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i)
+        prompt_seed = seed + i if domain is None else derived_seed(seed, domain, i)
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, seed=prompt_seed)
         samples.append(tokenizer.decode(out[0]))
     return samples
