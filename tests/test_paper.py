@@ -23,6 +23,8 @@ from pathlib import Path
 import pypdf
 import pytest
 
+from lora_lab.experiment.seeds import Spread
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "paper_run"
 FIXTURE_BENCH = FIXTURE / "bench.json"
@@ -729,3 +731,45 @@ def test_the_command_line_prints_the_error_not_a_traceback(built, tmp_path, monk
     assert "Traceback" not in captured.err and captured.out == ""
     assert _state(data) == before
     assert out.read_bytes() == b"the previous PDF"
+
+
+def _with_seeds(results: dict, source_offsets: dict[str, tuple[float, float]]) -> dict:
+    """``results`` (one seed) made a 3-seed run: each model's source perplexity gets the two extra
+    seeds ``value + offset``; every other metric repeats its value."""
+    results = json.loads(json.dumps(results))
+    results["seeds"] = [0, 1, 2]
+    for name, metrics in results["across_seeds"].items():
+        for metric, stats in metrics.items():
+            first = stats["values"][0]
+            extra = source_offsets.get(name, (0.0, 0.0)) if metric == "source_ppl" else (0.0, 0.0)
+            spread = Spread.of([first, first + extra[0], first + extra[1]])
+            metrics[metric] = dict(values=list(spread.values), mean=spread.mean, min=spread.low, max=spread.high)
+    return results
+
+
+@pytest.mark.parametrize(
+    "offsets, expected, absent",
+    [
+        # LoRA's worst seed still below full fine-tuning's best: the comparison is decided.
+        ({"lora": (0.01, -0.01), "full": (0.01, -0.01)}, "every LoRA run kept a lower source", "seeds overlap"),
+        # LoRA's range reaches into full fine-tuning's: no comparative sentence.
+        ({"lora": (0.40, -0.01), "full": (0.01, -0.30)}, "The ranges over the 3 seeds overlap", "forgot less, as"),
+    ],
+)
+def test_a_comparison_is_stated_only_beyond_the_seed_spread(tmp_path, offsets, expected, absent):
+    run = _copy_fixture(tmp_path / "run")
+    results = _with_seeds(_fixture_results(), offsets)
+    (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    flat = " ".join(
+        _text(paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None)).split()
+    )
+    assert expected in flat and absent not in flat
+    assert "3 seeds." in flat and "± " in flat  # the critical-reading item and the table's mean ± spread
+    lora = results["across_seeds"]["lora"]["source_ppl"]
+    assert f"{lora['mean']:.3f} ± {max(lora['max'] - lora['mean'], lora['mean'] - lora['min']):.3f}" in flat
+
+
+def test_a_single_seed_decides_no_comparison(built):
+    flat = " ".join(built["text"].split())
+    assert "With a single seed there is no spread to judge this difference by" in flat
+    assert "forgot less, as" not in flat and "One run, one seed." in flat
