@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..analysis.sweeps import SWEEP_FILES, analyse_run
 from ..runtime import machine_description
+from ..training import distributed
 from .config import TUNED_RECIPE
 from .report import write_outputs
 from .results import RunResults
@@ -42,13 +43,23 @@ def run(
     (:func:`lora_lab.analysis.sweeps.analyse_run`; the companion PDF uses them); without it, those
     files left in ``out`` by an earlier run are removed, since they would not describe these
     results. An ``out`` that is a file is refused before training.
+
+    Under ``torchrun`` every rank trains (:mod:`lora_lab.training.distributed`); rank 0 alone
+    evaluates and writes ``out``, and the other ranks return the results it wrote.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():  # found now, not after the training
         raise NotADirectoryError(f"the output folder {out} is a file; pass a folder with --out (it is created)")
+    world = distributed.current()
+    if sweep and world.world_size > 1:
+        raise ValueError("--sweep runs in one process; run it without torchrun (the models it needs are cached, "
+                         "so a torchrun run followed by a plain one with --sweep trains only the sweep)")
     exp = prepare(corpus, profile, overrides=overrides, device=device, cache=cache, progress=progress)
     base = pretrained_base(exp)
     trained = [base, *(lora_finetuned(exp, base, recipe) for recipe in exp.profile.recipes), full_finetuned(exp, base)]
+    if not world.is_main:
+        world.barrier()  # rank 0 evaluates and writes the results
+        return RunResults.from_json((out / "results.json").read_text(encoding="utf-8"), where=str(out / "results.json"))
     results = RunResults(
         corpus=exp.corpus.name,
         profile=exp.profile.name,
@@ -59,6 +70,7 @@ def run(
         corpus_sha256=exp.corpus.sha256,
         split_sizes=exp.splits.sizes(),
         machine=machine_description(),
+        world_size=world.world_size,
         histories={model.name: model.history for model in trained},
     )
     results.claims = claims(results)
@@ -69,6 +81,7 @@ def run(
         for name in SWEEP_FILES:
             (out / name).unlink(missing_ok=True)
     write_outputs(exp.profile, results, out)
+    world.barrier()
     return results
 
 
