@@ -130,21 +130,14 @@ def bench_steps(key: str, setting: ModelSetting, device: torch.device, rounds: i
     times = result.seconds
     details = {"model": setting.describe(), "rounds": rounds, "calls_per_round": result.calls_per_round,
                "median_seconds": {n: statistics.median(t) for n, t in times.items()}}
-    rows, label = [], setting.label
-    for p in ("bf16", "fp32"):
-        rows += [
-            _row(f"gpu.{key}.{p}.lora_lab_vs_full", key, f"LoRA step / full fine-tuning step, {p} ({label})",
-                 times, f"lora_lab_{p}", f"full_{p}", details),
-            _row(f"gpu.{key}.{p}.frozen_vs_full", key, f"frozen floor step / full fine-tuning step, {p} ({label})",
-                 times, f"frozen_{p}", f"full_{p}", details),
-        ]  # fmt: skip
-        if HAVE_PEFT:
-            rows += [
-                _row(f"gpu.{key}.{p}.lora_lab_vs_peft", key, f"lora_lab LoRA step / PEFT LoRA step, {p} ({label})",
-                     times, f"lora_lab_{p}", f"peft_{p}", details),
-                _row(f"gpu.{key}.{p}.peft_vs_full", key, f"PEFT step / full fine-tuning step, {p} ({label})",
-                     times, f"peft_{p}", f"full_{p}", details),
-            ]  # fmt: skip
+    pairs = [("lora_lab_vs_full", "LoRA step / full fine-tuning step", "lora_lab", "full"),
+             ("frozen_vs_full", "frozen floor step / full fine-tuning step", "frozen", "full")]
+    if HAVE_PEFT:
+        pairs += [("lora_lab_vs_peft", "lora_lab LoRA step / PEFT LoRA step", "lora_lab", "peft"),
+                  ("peft_vs_full", "PEFT step / full fine-tuning step", "peft", "full")]
+    label = setting.label
+    rows = [_row(f"gpu.{key}.{p}.{suffix}", key, f"{what}, {p} ({label})", times, f"{a}_{p}", f"{b}_{p}", details)
+            for p in ("bf16", "fp32") for suffix, what, a, b in pairs]
     for variant in ("full", "lora_lab"):
         rows.append(_row(f"gpu.{key}.bf16_vs_fp32.{variant}", key, f"{variant} step, bf16 autocast / fp32 ({label})",
                          times, f"{variant}_bf16", f"{variant}_fp32", details))  # fmt: skip
@@ -157,12 +150,13 @@ def bench_memory(key: str, setting: ModelSetting, device: torch.device) -> list[
         print(f"  memory rows of {key}: skipped, they read CUDA's allocator (device is {device.type})", file=sys.stderr)
         return []
     peaks: dict[str, int] = {}
+    base = _base(setting)  # on the CPU: only each contender's copy is on the GPU
     for precision, variants in (("bf16", TRAIN_VARIANTS), ("fp32", ("full", "lora_lab"))):
         for variant in variants:
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            model = build_variant(variant, _base(setting), RANK, ALPHA).to(device)
+            model = build_variant(variant, base, RANK, ALPHA).to(device)
             step = train_step(model, _batch(setting, device), ResolvedCompute(precision, False, device))
             for _ in range(2):
                 step()
@@ -266,10 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_compile:
         sections.append(("compile course", lambda: bench_compile("course", models["course"], device, rounds,
                                                                  round_seconds)))  # fmt: skip
+    failed = []
     for name, section in sections:
         start = time.perf_counter()
-        rows += section()
+        try:
+            rows += section()
+        except Exception as error:  # noqa: BLE001 -- one broken section (a compile, say) must not lose the others
+            failed.append(name)
+            print(f"  {name}: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
         print(f"  {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         save()
     for row in rows:
         row.judge(args.quick)
@@ -278,13 +279,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                           if args.quick else ""))  # fmt: skip
     for setting in models.values():
         print(f"  model {setting.describe()}")
-    width = max(len(r.description) for r in rows)
+    width = max((len(r.description) for r in rows), default=12)
     print(f"{'measurement':<{width}}  {'ratio':>7}  {'spread':>9}  {'goal':>11}  mark")
     for row in rows:
         print(f"{row.description:<{width}}  {row.ratio:7.3f}  {row.spread_text():>9}  {row.goal_text():>11}  "
               f"{row.mark()}")
     print(f"\nresults written to {args.json}")
-    return 0
+    if failed:
+        print(f"sections that failed (their error above): {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -217,6 +217,25 @@ def test_bf16_autocast_trains_on_cpu() -> None:
     assert not torch.equal(fp32_model.lm_head.weight, bf16_model.lm_head.weight)
 
 
+def test_compiled_step_trains_the_model_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compute.compile=true trains through ``torch.compile(model)``, whose parameters are the model's. The
+    test compiles with dynamo's ``eager`` backend (the graph capture without inductor's code generation,
+    which took minutes per model on the project's CPU), so the steps must match the uncompiled ones exactly."""
+    real_compile, calls = torch.compile, []
+
+    def compile_eagerly(model: torch.nn.Module) -> torch.nn.Module:
+        calls.append(model)
+        return real_compile(model, backend="eager")
+
+    plain_model, plain = _tiny_training(ComputeSettings(compile=False))
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    compiled_model, compiled = _tiny_training(ComputeSettings(compile=True))
+    assert len(calls) == 1 and isinstance(calls[0], GPT)
+    assert compiled == plain
+    assert all(torch.equal(a, b) for a, b in zip(plain_model.parameters(), compiled_model.parameters()))
+    assert not isinstance(compiled_model, torch._dynamo.eval_frame.OptimizedModule)  # the model given, trained
+
+
 def _load_benchmark(name: str):
     import importlib.util
 

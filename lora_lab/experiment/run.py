@@ -52,8 +52,8 @@ def run(
         raise NotADirectoryError(f"the output folder {out} is a file; pass a folder with --out (it is created)")
     world = distributed.current()
     if sweep and world.world_size > 1:
-        raise ValueError("--sweep runs in one process; run it without torchrun (the models it needs are cached, "
-                         "so a torchrun run followed by a plain one with --sweep trains only the sweep)")
+        raise ValueError("--sweep runs in one process; run it without torchrun (a plain run trains and caches "
+                         "its own models: those of several processes are cached apart, their last bits differ)")
     exp = prepare(corpus, profile, overrides=overrides, device=device, cache=cache, progress=progress)
     base = pretrained_base(exp)
     trained = [base, *(lora_finetuned(exp, base, recipe) for recipe in exp.profile.recipes), full_finetuned(exp, base)]

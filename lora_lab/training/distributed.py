@@ -70,9 +70,10 @@ class Distributed:
         artifact exists, say, which another run could create between two ranks' looks)."""
         if not self.active:
             return flag
-        holder = [flag]
-        dist.broadcast_object_list(holder, src=0)
-        return bool(holder[0])
+        # A tensor, not broadcast_object_list: that one pickles. NCCL moves CUDA tensors only.
+        value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(value, src=0)
+        return bool(value.item())
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
