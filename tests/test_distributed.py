@@ -62,9 +62,10 @@ def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
 def test_two_gloo_processes_train_what_one_process_trains(tmp_path: Path) -> None:
     out2, cache2 = tmp_path / "two" / "out", tmp_path / "two" / "cache"
     two = _torchrun(["-m", "lora_lab", "run", "--profile", "smoke", "--out", str(out2), "--cache", str(cache2),
-                     "--no-progress"], tmp_path)  # fmt: skip
+                     "--device", "cpu", "--no-progress"], tmp_path)  # fmt: skip
     try:  # the single-process reference trains meanwhile, in this process
-        one = run("builtin", "smoke", tmp_path / "one" / "out", cache=tmp_path / "one" / "cache", progress=False)
+        one = run("builtin", "smoke", tmp_path / "one" / "out", cache=tmp_path / "one" / "cache", device="cpu",
+                  progress=False)
     finally:
         stdout = _finish(two)
     assert stdout.count("| base |") == 1  # rank 0 alone printed the table
@@ -171,13 +172,15 @@ def test_compute_options_are_validated_with_clear_errors(capsys: pytest.CaptureF
 
 
 def test_options_that_change_the_weights_change_the_cache_key(tmp_path: Path, monkeypatch) -> None:
-    exp = stages.prepare("builtin", "smoke", cache=tmp_path, progress=False)
+    def key(**overrides: str) -> str:
+        return stages._base_key(stages.prepare("builtin", "smoke", overrides=overrides, device="cpu", cache=tmp_path,
+                                               progress=False))  # fmt: skip
+
+    exp = stages.prepare("builtin", "smoke", device="cpu", cache=tmp_path, progress=False)
     default = stages._base_key(exp)
-    bf16 = stages._base_key(stages.prepare("builtin", "smoke", overrides={"compute.precision": "bf16"},
-                                           cache=tmp_path, progress=False))  # fmt: skip
-    fp32 = stages._base_key(stages.prepare("builtin", "smoke", overrides={"compute.precision": "fp32"},
-                                           cache=tmp_path, progress=False))  # fmt: skip
+    bf16, fp32 = key(**{"compute.precision": "bf16"}), key(**{"compute.precision": "fp32"})
     assert bf16 != default == fp32  # "auto" is fp32 on a CPU: the same artifact
+    assert key(**{"compute.compile": "true"}) != default
     monkeypatch.setattr(distributed, "current", lambda: distributed.Distributed(0, 2, 0, False))
     assert stages._base_key(exp) != default
 
@@ -186,7 +189,7 @@ def test_sweep_is_refused_under_torchrun_before_training(tmp_path: Path, monkeyp
     forbid_training("--sweep under several processes must fail before training")
     monkeypatch.setattr(distributed, "current", lambda: distributed.Distributed(0, 2, 0, False))
     with pytest.raises(ValueError, match="--sweep runs in one process; run it without torchrun"):
-        run("builtin", "smoke", tmp_path / "out", cache=tmp_path / "cache", progress=False, sweep=True)
+        run("builtin", "smoke", tmp_path / "out", cache=tmp_path / "cache", device="cpu", progress=False, sweep=True)
 
 
 def test_world_size_in_results_json(tmp_path: Path) -> None:
