@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bench import _load_bench_module  # tests/ is on the path: pytest's and a script's
 
 from lora_lab import cli
 from lora_lab.experiment import stages
@@ -239,26 +240,11 @@ def test_compiled_step_trains_the_model_itself(monkeypatch: pytest.MonkeyPatch) 
     assert not isinstance(compiled_model, torch._dynamo.eval_frame.OptimizedModule)  # the model given, trained
 
 
-def _load_benchmark(name: str):
-    import importlib.util
-
-    folder = ROOT / "benchmarks"
-    sys.path.insert(0, str(folder))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_lora_lab_{name}", folder / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(folder))
-
-
 def test_gpu_benchmark_runs_its_code_on_a_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """benchmarks/gpu.py's races (bf16 autocast and fp32, every variant) and its generation row, on tiny
     models on the CPU; the memory and compile rows need CUDA and say so. Without CUDA and without
     --device cpu it skips with a message."""
-    gpu = _load_benchmark("gpu")
+    gpu = _load_bench_module("gpu")
     if not torch.cuda.is_available():
         assert gpu.main(["--json", str(tmp_path / "none.json")]) == 0
         assert "skipped, PyTorch sees no CUDA GPU here" in capsys.readouterr().out
