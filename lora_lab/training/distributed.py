@@ -18,9 +18,11 @@ What makes N processes train the model one process would:
 * dropout draws from the global generator, which each rank reseeds differently
   (:meth:`Distributed.seed_dropout`): with one seed, every rank's rows would get the same masks.
 
-Only the order of floating-point sums differs from one process, so losses agree to float rounding
-(tests/test_distributed.py states the tolerance). Rank 0 alone writes files; the other ranks wait
-at a barrier and read what it wrote.
+Only the order of floating-point sums differs from one process: the first steps' losses agree to
+float rounding (tests/test_distributed.py states the tolerance), and over a long run those rounding
+differences grow as they do between two kinds of CPU (README, "Several processes, and GPUs"). A run
+on N processes repeats itself bit for bit. Rank 0 alone writes files; the other ranks wait at a
+barrier and read what it wrote.
 """
 
 from __future__ import annotations
