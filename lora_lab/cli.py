@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
         help="pretrain a small GPT, fine-tune it with LoRA and fully, compare",
         description="Pretrain the base on the first 80% of the corpus, then from that base train LoRA "
         "(the course's recipe and a tuned one) and full fine-tuning on the last 20%, and compare them. "
-        "Writes results.json, report.md and PNG figures into --out.",
+        "Writes results.json, report.md and PNG figures into --out. Data-parallel on N processes: "
+        "torchrun --nproc_per_node=N -m lora_lab run ...",
     )
     run.add_argument(
         "--corpus",
@@ -45,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a profile field by its dotted name, e.g. --set pretrain.epochs=2 or "
-        "--set recipes.lora.rank=8 (repeatable)",
+        help="override a profile field by its dotted name, e.g. --set pretrain.epochs=2, "
+        "--set recipes.lora.rank=8 or --set compute.precision=bf16 (repeatable)",
     )
     run.add_argument("--seeds", type=int, default=1, metavar="N",
                      help="train the comparison with N seeds (from the profile's seed on; the corpus is drawn once) "
@@ -69,25 +70,29 @@ def main(argv: list[str] | None = None) -> int:
 
     from .experiment.report import OUTPUT_FILES, format_table, seeds_line
     from .experiment.run import run
+    from .training import distributed
 
     try:
         overrides = parse_overrides(args.overrides)
         out = args.out or f"runs/{_run_name(args.corpus)}-{args.profile}"
-        results = run(
-            args.corpus,
-            args.profile,
-            out,
-            overrides=overrides,
-            device=args.device,
-            cache=args.cache,
-            progress=not args.no_progress,
-            sweep=args.sweep,
-            seeds=args.seeds,
-            select_lr=args.select_lr,
-        )
+        with distributed.session(args.device) as world:  # under torchrun: join the other processes
+            results = run(
+                args.corpus,
+                args.profile,
+                out,
+                overrides=overrides,
+                device=args.device,
+                cache=args.cache,
+                progress=not args.no_progress,
+                sweep=args.sweep,
+                seeds=args.seeds,
+                select_lr=args.select_lr,
+            )
     except (ValueError, OSError, FloatingPointError, RuntimeError) as error:  # OSError: missing, unreadable, full
         print(f"lora-lab: error: {error}", file=sys.stderr)
         return 2
+    if not world.is_main:  # rank 0 prints for the run
+        return 0
     print(format_table(results))
     print()
     print(seeds_line(results))

@@ -2,7 +2,8 @@
 
 A :class:`Profile` is nested the way the job runs: the model's shape, pretraining, the
 fine-tuning budget, the named LoRA recipes, full fine-tuning, and the few settings they share
-(batch size, corpus size, sample length, random seed). ``smoke`` takes seconds (tests), ``cpu``
+(batch size, corpus size, sample length, random seed), and how the training step uses its device
+(``compute``: bf16 autocast, ``torch.compile``). ``smoke`` takes seconds (tests), ``cpu``
 (the default) runs the whole job in a few minutes on two CPU cores, ``course`` is the original
 course module's setting (≈ 8.2M parameters, pretraining 10 epochs at lr 0.01, LoRA r=4, α=1,
 5 epochs at lr 1e-3) and is meant for a GPU.
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..model import GPTConfig
-from ..training import TrainConfig
+from ..training import ComputeSettings, TrainConfig
 from ..validation import check_flag, check_positive_int, check_positive_real
 
 __all__ = [
@@ -171,6 +172,8 @@ class Profile:
     # Evaluation: tokens generated per prompt for samples and validity.
     sample_tokens: int = 200
     seed: int = 0  # the random seed of pretraining, of the corpus, and (+1) of fine-tuning
+    # bf16 autocast and torch.compile (lora_lab.training.compute); the defaults change nothing on a CPU.
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
 
     def __post_init__(self) -> None:
         check_positive_int("batch_size", self.batch_size)

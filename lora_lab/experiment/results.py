@@ -11,7 +11,8 @@ every field and names every problem it finds (:class:`ResultsError`)::
      "across_seeds": {name: {"target_ppl": S, "source_ppl": S, "valid_target_rate": S (built-in corpus only)}},
      "recipes": {name: {"rank", "alpha", "lr", "target_modules", "epochs", "use_rslora"}},
      "profile_settings": {...}, "corpus_sha256": str, "split_sizes": {split: characters},
-     "machine": str, "histories": {name: {"train_loss", "val_loss", "seconds", "steps"}},
+     "machine": str, "world_size": int (processes that trained; older files lack it: 1),
+     "histories": {name: {"train_loss", "val_loss", "seconds", "steps"}},
      "claims": {claim: bool}, "note": str (optional)}
     M = {"target_ppl", "source_ppl", "trainable_params", "total_params", "train_seconds",
          "artifact_bytes" (null: none), "valid_target_rate" (null for real text), "samples": [str]}
@@ -129,6 +130,7 @@ class RunResults:
     corpus_sha256: str = ""
     split_sizes: dict[str, int] = field(default_factory=dict)
     machine: str = ""
+    world_size: int = 1  # processes that trained the models together (torchrun); 1 for a plain run
     histories: dict[str, TrainHistory] = field(default_factory=dict)
     claims: dict[str, bool] = field(default_factory=dict)
     note: str | None = None
@@ -195,6 +197,7 @@ class RunResults:
             corpus_sha256=data.get("corpus_sha256", ""),
             split_sizes=data.get("split_sizes", {}),
             machine=data.get("machine", ""),
+            world_size=data.get("world_size", 1),
             histories={name: TrainHistory.from_dict(h) for name, h in data.get("histories", {}).items()},
             claims=data.get("claims", {}),
             note=data.get("note"),
@@ -221,6 +224,8 @@ class RunResults:
             isinstance(floors, dict) and all(_is_number(floors.get(k)) and floors[k] >= 1 for k in ("source", "target"))
         ):
             problems.append("'entropy_floor_ppl' must be null or {'source': ppl >= 1, 'target': ppl >= 1}")
+        if "world_size" in data and not (_is_count(data["world_size"]) and data["world_size"] >= 1):
+            problems.append(f"'world_size' must be a positive integer (processes), got {data['world_size']!r}")
         if "note" in data and not isinstance(data["note"], str):
             problems.append("'note' must be a string")
         models = data.get("models")

@@ -22,6 +22,7 @@ from ..analysis.ablations import lr_table, select_lrs
 from ..analysis.sweeps import SWEEP_FILES, analyse_run
 from ..files import atomic_write_text, json_text
 from ..runtime import machine_description
+from ..training import distributed
 from .config import TUNED_RECIPE
 from .report import write_outputs
 from .results import ModelResult, RunResults
@@ -75,19 +76,35 @@ def run(
     with those, and writes the sweep's runs to ``lr_selection.json``. With
     ``--set finetune.keep_best=true`` each fine-tuning also keeps its best-validation checkpoint:
     together, the fair setting for real text, where no recipe was tuned beforehand.
+
+    Under ``torchrun`` every rank trains (:mod:`lora_lab.training.distributed`); rank 0 alone
+    evaluates and writes ``out``, and the other ranks return the results it wrote. The rank
+    sweep and the learning-rate selection run in one process.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():  # found now, not after the training
         raise NotADirectoryError(f"the output folder {out} is a file; pass a folder with --out (it is created)")
+    world = distributed.current()
+    if (sweep or select_lr) and world.world_size > 1:
+        option = "--sweep" if sweep else "--select-lr"
+        raise ValueError(f"{option} runs in one process; run it without torchrun (a plain run trains and caches "
+                         "its own models: those of several processes are cached apart, their last bits differ)")
     exp = prepare(corpus, profile, overrides=overrides, device=device, cache=cache, progress=progress)
     seed_values = seed_list(exp.profile.seed, seeds)
     lr_runs = None
     if select_lr:
         exp, lr_runs = select_lrs(exp, pretrained_base(exp))
-    trained, measured = _compare(exp)
+    trained = _train_all(exp)
+    if not world.is_main:
+        for seed in seed_values[1:]:  # every rank trains every seed; rank 0 measures them
+            _train_all(seed_experiment(exp, seed))
+        world.barrier()  # rank 0 evaluates and writes the results
+        return RunResults.from_json((out / "results.json").read_text(encoding="utf-8"), where=str(out / "results.json"))
+    measured = _measure(exp, trained)
     per_seed = [measured]
     for seed in seed_values[1:]:  # one seed's models at a time: memory does not grow with the seeds
-        per_seed.append(_compare(seed_experiment(exp, seed))[1])
+        seeded = seed_experiment(exp, seed)
+        per_seed.append(_measure(seeded, _train_all(seeded)))
     results = RunResults(
         corpus=exp.corpus.name,
         profile=exp.profile.name,
@@ -100,6 +117,7 @@ def run(
         corpus_sha256=exp.corpus.sha256,
         split_sizes=exp.splits.sizes(),
         machine=machine_description(),
+        world_size=world.world_size,
         histories={model.name: model.history for model in trained},
     )
     results.claims = claims(results)
@@ -114,14 +132,19 @@ def run(
         atomic_write_text(out / LR_SELECTION_FILE, json_text({"runs": lr_runs, "table": lr_table(lr_runs)}))
     else:  # an earlier run's selection would not describe these results
         (out / LR_SELECTION_FILE).unlink(missing_ok=True)
+    world.barrier()
     return results
 
 
-def _compare(exp: Experiment) -> tuple[list[TrainedModel], dict[str, ModelResult]]:
-    """One seed's comparison: base, every recipe, full fine-tuning, trained (or loaded) and measured."""
+def _train_all(exp: Experiment) -> list[TrainedModel]:
+    """One seed's models: base, every recipe, full fine-tuning, trained (or loaded from the cache)."""
     base = pretrained_base(exp)
-    trained = [base, *(lora_finetuned(exp, base, recipe) for recipe in exp.profile.recipes), full_finetuned(exp, base)]
-    return trained, {model.name: evaluate(exp, model) for model in trained}
+    return [base, *(lora_finetuned(exp, base, recipe) for recipe in exp.profile.recipes), full_finetuned(exp, base)]
+
+
+def _measure(exp: Experiment, trained: list[TrainedModel]) -> dict[str, ModelResult]:
+    """One seed's measurements (rank 0 alone, under torchrun)."""
+    return {model.name: evaluate(exp, model) for model in trained}
 
 
 def claims(results: RunResults) -> dict[str, bool]:

@@ -35,7 +35,7 @@ from ..lora import apply_lora_to_model, count_parameters, load_adapter, save_ada
 from ..model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 from ..runtime import select_device
 from ..seeding import seed_everything
-from ..training import TrainConfig, TrainHistory, generate_samples, perplexity, train
+from ..training import TrainConfig, TrainHistory, distributed, generate_samples, perplexity, train
 from .config import LoRARecipe, Profile, get_profile, with_overrides
 from .results import ModelResult
 
@@ -104,10 +104,13 @@ def prepare(
     root = Path(cache) if cache is not None else cache_dir() / "artifacts"
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"the artifact cache {root} is a file, not a folder; pass another cache folder")
-    loaded = load_corpus(
-        corpus, block_size=settings.model.block_size, builtin_chars=settings.builtin_chars, seed=settings.seed
-    )
-    return Experiment(settings, loaded, make_splits(loaded), select_device(device), root, progress)
+    world = distributed.current()
+    with world.main_first():  # a download happens once, on rank 0; the other ranks read its file
+        loaded = load_corpus(
+            corpus, block_size=settings.model.block_size, builtin_chars=settings.builtin_chars, seed=settings.seed
+        )
+    device = world.device(select_device(device))
+    return Experiment(settings, loaded, make_splits(loaded), device, root, progress and world.is_main)
 
 
 # --- caching -------------------------------------------------------------------------------
@@ -144,22 +147,27 @@ def _cached_stage(
     run leaves no half-written artifact); then ``load(folder, built)`` gives the model and the
     file that stores what was trained, and the history is read back from the folder either way."""
     final = exp.cache / f"{stage}-{key}"
-    built = not (final / "history.json").exists()
+    world = distributed.current()  # under torchrun every rank trains; rank 0 alone writes the cache
+    built = world.agree(not (final / "history.json").exists())
     if built:
-        exp.cache.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=exp.cache))
+        if world.is_main:
+            exp.cache.mkdir(parents=True, exist_ok=True)
+        # The other ranks save into private scratch folders, thrown away: only rank 0's artifact counts.
+        work = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=exp.cache if world.is_main else None))
         try:
             history = build(work)
-            (work / "history.json").write_text(json.dumps(history.to_dict()))
-            if final.exists():  # a concurrent run finished first; its artifact is equivalent
-                shutil.rmtree(work)
-            else:
-                os.replace(work, final)
+            if world.is_main:
+                (work / "history.json").write_text(json.dumps(history.to_dict()))
+                if final.exists():  # a concurrent run finished first; its artifact is equivalent
+                    shutil.rmtree(work)
+                else:
+                    os.replace(work, final)
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
+        world.barrier()  # rank 0's artifact is in place before another rank reads it
     with _reading_cached(final):
-        model, artifact = load(final, built)
+        model, artifact = load(final, built and world.is_main)
         history = TrainHistory.from_dict(json.loads((final / "history.json").read_text()))
     return model, history, artifact
 
@@ -175,6 +183,9 @@ def _base_key(exp: Experiment) -> str:
         batch=config.batch_size,
         seed=config.seed,
         device=exp.device.type,
+        # Left out when they are the defaults, so the keys of plain CPU runs stay as they were.
+        **exp.profile.compute.resolve(exp.device).key(),
+        **distributed.current().cache_key(),
     )
 
 
@@ -189,7 +200,7 @@ def _train(exp: Experiment, model: nn.Module, part: str, config: TrainConfig, de
     train_data, val_data = getattr(splits, f"{part}_train"), getattr(splits, f"{part}_val")
     block_size = exp.profile.model.block_size
     return train(model, train_data, val_data, config, block_size=block_size, device=exp.device, desc=desc,
-                 progress=exp.progress, **options)  # fmt: skip
+                 progress=exp.progress, compute=exp.profile.compute, **options)  # fmt: skip
 
 
 # --- stages --------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.batches import iterate_batches, total_steps
+from . import distributed
+from .compute import ComputeSettings, ResolvedCompute, make_adamw, to_device
 from .metrics import mean_loss
 
 __all__ = ["TrainConfig", "TrainHistory", "train"]
@@ -89,6 +91,7 @@ def train(
     progress: bool = True,
     restore_on_error: bool = True,
     keep_best: bool = False,
+    compute: ComputeSettings | None = None,
 ) -> TrainHistory:
     """Train ``model`` (its parameters with ``requires_grad``) with AdamW on next-token
     prediction over ``train_data``, validating on ``val_data`` at the start, every
@@ -107,18 +110,30 @@ def train(
     a run that over-fits, or never improves, is judged by its best point rather than its last
     step. That point is the argmin of the history's ``val_loss``; the history still records every
     step. It needs ``val_data``.
+
+    ``compute`` chooses bf16 autocast and ``torch.compile`` (:mod:`~lora_lab.training.compute`;
+    default: fp32 on a CPU, bf16 on a GPU that has it). Under ``torchrun`` (an open process group)
+    the step runs under ``DistributedDataParallel``, each rank on its share of every batch
+    (:mod:`~lora_lab.training.distributed`); validation then runs on rank 0 only, so
+    ``keep_best`` is refused there.
     """
     if keep_best and val_data is None:
         raise ValueError("keep_best keeps the checkpoint of lowest validation loss, so it needs val_data")
+    if keep_best and distributed.current().active:
+        raise ValueError("keep_best needs the validation loss on every process, and under torchrun only rank 0 "
+                         "validates; run with keep_best in one process (without torchrun)")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter (every requires_grad is False); nothing to train")
     device = torch.device(device)
+    resolved = (compute or ComputeSettings()).resolve(device)  # an impossible option fails before anything moves
     given_device, given_mode = params[0].device, model.training
     # Kept so that a failed run leaves the model exactly as it was given.
     snapshot = [p.detach().clone() for p in params] if restore_on_error else None
     try:
-        return _train(model, params, train_data, val_data, config, block_size, device, desc, progress, keep_best)
+        return _train(
+            model, params, train_data, val_data, config, block_size, device, desc, progress, resolved, keep_best
+        )
     except BaseException:
         if snapshot is None:
             raise
@@ -140,15 +155,21 @@ def _train(
     device: torch.device,
     desc: str,
     progress: bool,
+    compute: ResolvedCompute,
     keep_best: bool = False,
 ) -> TrainHistory:
     model.to(device)
+    world = distributed.current()
+    world.seed_dropout(config.seed)
+    # The model the step calls: DDP around the model (it shares its parameters), then compiled.
+    step_model = compute.compiled(world.wrap(model, device))
     # Decay matrices only (as nanoGPT does): biases and LayerNorm gains are not decayed.
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
+    optimizer = make_adamw(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
+        config.lr,
+        device,
     )
     steps = total_steps(len(train_data), block_size, config.batch_size, config.epochs)
     eval_every = max(1, steps // max(1, config.eval_points))
@@ -157,7 +178,7 @@ def _train(
     best: list = []  # with keep_best: [loss, copies of the trainable parameters] at the best point so far
 
     def validate(step: int) -> None:
-        if val_data is not None:
+        if val_data is not None and world.is_main:
             loss = mean_loss(model, val_data, block_size, device=device, max_windows=config.eval_max_windows)
             result.val_loss.append((step, loss))
             if keep_best and (not best or loss < best[0]):
@@ -171,8 +192,12 @@ def _train(
         for step, (x, y) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, config)
-            _, loss = model(x.to(device), y.to(device))
-            value = loss.item()
+            x, y, weight = world.shard(x, y)
+            with compute.autocast():
+                _, loss = step_model(to_device(x, device), to_device(y, device))
+            value = world.global_mean(loss, weight)
+            if world.active:  # DDP averages the ranks' gradients: weighted, that is the global batch's
+                loss = loss * weight
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"{desc}: the loss became {value} at step {step + 1} of {steps} "
