@@ -63,10 +63,10 @@ def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
 def test_two_gloo_processes_train_what_one_process_trains(tmp_path: Path) -> None:
     out2, cache2 = tmp_path / "two" / "out", tmp_path / "two" / "cache"
     two = _torchrun(["-m", "lora_lab", "run", "--profile", "smoke", "--out", str(out2), "--cache", str(cache2),
-                     "--device", "cpu", "--no-progress"], tmp_path)  # fmt: skip
+                     "--device", "cpu", "--no-progress", "--seeds", "2"], tmp_path)  # fmt: skip
     try:  # the single-process reference trains meanwhile, in this process
         one = run("builtin", "smoke", tmp_path / "one" / "out", cache=tmp_path / "one" / "cache", device="cpu",
-                  progress=False)
+                  progress=False, seeds=2)
     finally:
         stdout = _finish(two)
     assert stdout.count("| base |") == 1  # rank 0 alone printed the table
@@ -74,8 +74,8 @@ def test_two_gloo_processes_train_what_one_process_trains(tmp_path: Path) -> Non
     both = RunResults.from_json((out2 / "results.json").read_text(encoding="utf-8"))
     assert (one.world_size, both.world_size) == (1, 2)
     # The cache: one folder per stage, no leftover work folder; rank 1's scratch folders are gone.
-    stages_two = sorted(p.name.split("-")[0] for p in cache2.iterdir())
-    assert stages_two == ["base", "full", "lora", "lora"], sorted(p.name for p in cache2.iterdir())
+    stages_two = sorted(p.name.split("-")[0] for p in cache2.iterdir())  # two seeds: each stage twice
+    assert stages_two == ["base"] * 2 + ["full"] * 2 + ["lora"] * 4, sorted(p.name for p in cache2.iterdir())
     leftovers = [p.name for p in (tmp_path / "scratch").iterdir() if p.name.startswith((".base-", ".lora-", ".full-"))]
     assert leftovers == []
     # Two processes get their own cache keys (their last bits differ), so nothing was shared by mistake.
@@ -87,6 +87,12 @@ def test_two_gloo_processes_train_what_one_process_trains(tmp_path: Path) -> Non
         for key in ("target_ppl", "source_ppl"):
             assert math.isclose(getattr(model, key), getattr(both.models[name], key), rel_tol=LOSS_TOLERANCE), name
         assert model.trainable_params == both.models[name].trainable_params
+    # Both seeds measured by rank 0: the same spread as one process trains.
+    assert both.seeds == one.seeds == [0, 1]
+    for name, metrics in one.across_seeds.items():
+        for metric in ("target_ppl", "source_ppl"):
+            pairs = zip(metrics[metric].values, both.across_seeds[name][metric].values)
+            assert all(math.isclose(a, b, rel_tol=LOSS_TOLERANCE) for a, b in pairs), (name, metric)
 
 
 def _worker_train(dropout: float) -> tuple[GPT, list[float], list[torch.Tensor]]:
@@ -186,11 +192,26 @@ def test_options_that_change_the_weights_change_the_cache_key(tmp_path: Path, mo
     assert stages._base_key(exp) != default
 
 
-def test_sweep_is_refused_under_torchrun_before_training(tmp_path: Path, monkeypatch, forbid_training) -> None:
-    forbid_training("--sweep under several processes must fail before training")
+@pytest.mark.parametrize("option", ["--sweep", "--select-lr"])
+def test_one_process_options_are_refused_under_torchrun_before_training(
+    option: str, tmp_path: Path, monkeypatch, forbid_training
+) -> None:
+    forbid_training(f"{option} under several processes must fail before training")
     monkeypatch.setattr(distributed, "current", lambda: distributed.Distributed(0, 2, 0, False))
-    with pytest.raises(ValueError, match="--sweep runs in one process; run it without torchrun"):
-        run("builtin", "smoke", tmp_path / "out", cache=tmp_path / "cache", device="cpu", progress=False, sweep=True)
+    flag = {"sweep": option == "--sweep", "select_lr": option == "--select-lr"}
+    with pytest.raises(ValueError, match=f"{option} runs in one process; run it without torchrun"):
+        run("builtin", "smoke", tmp_path / "out", cache=tmp_path / "cache", device="cpu", progress=False, **flag)
+
+
+def test_keep_best_is_refused_under_torchrun_and_the_model_is_untouched(monkeypatch) -> None:
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Distributed(0, 2, 0, True))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(11, 16, 1, 2, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    data = torch.randint(0, 11, (200,))
+    with pytest.raises(ValueError, match="keep_best needs the validation loss on every process"):
+        train(model, data, data, TrainConfig(1.0, 1e-3, 4), block_size=16, progress=False, keep_best=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_world_size_in_results_json(tmp_path: Path) -> None:
