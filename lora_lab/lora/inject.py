@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from ..validation import check_flag, check_positive_int, check_positive_real
+from .dora import MAGNITUDE_NAME, DoRALinear
 from .fused import FusedLoRALinear
 from .layers import LoRALinear
+from .nf4 import NF4Linear
 
 __all__ = [
     "apply_lora_to_model",
@@ -107,6 +109,7 @@ def apply_lora_to_model(
     target_modules: str | Sequence[str] | None = None,
     *,
     fused: bool = True,
+    use_dora: bool = False,
     **layer_options,
 ) -> nn.Module:
     """Return a deep copy of ``model`` whose targeted ``nn.Linear`` layers are
@@ -120,12 +123,20 @@ def apply_lora_to_model(
             module name (PEFT's rules).
         fused: build :class:`~lora_lab.lora.fused.FusedLoRALinear` layers (the default: the same
             function, computed faster); ``False`` builds the plain, readable :class:`LoRALinear`.
-        **layer_options: ``dropout``, ``init`` (``"kaiming"``, ``"gaussian"``, ``"course"``),
-            ``use_rslora`` — see :class:`~lora_lab.lora.layers.LoRALayer`.
+        use_dora: build :class:`~lora_lab.lora.dora.DoRALinear` layers (PEFT's ``use_dora=True``; they
+            have their own forward, so ``fused`` does not apply).
+        **layer_options: ``dropout``, ``init`` (``"kaiming"``, ``"gaussian"``, ``"course"``, or
+            ``"pissa"``: :mod:`lora_lab.lora.pissa`), ``use_rslora`` — see
+            :class:`~lora_lab.lora.layers.LoRALayer`.
+
+    For a 4-bit (NF4) frozen base, pass the result (built with ``fused=False``) to
+    :func:`lora_lab.lora.nf4.quantize_base`.
     """
     check_positive_int("rank", rank)
     check_positive_real("alpha", alpha)
     layer_class = FusedLoRALinear if check_flag("fused", fused) else LoRALinear
+    if check_flag("use_dora", use_dora):
+        layer_class = DoRALinear
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_lora_to_model needs an nn.Module, got {type(model).__name__}")
     existing = lora_modules(model)
@@ -152,11 +163,12 @@ def apply_lora_to_model(
 
 
 def _is_lora_parameter(name: str) -> bool:
-    return "lora_A" in name.rsplit(".", 1)[-1] or "lora_B" in name.rsplit(".", 1)[-1]
+    last = name.rsplit(".", 1)[-1]
+    return "lora_A" in last or "lora_B" in last or last == MAGNITUDE_NAME
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Freeze every parameter except the adapters' A and B (loralib's API).
+    """Freeze every parameter except the adapters' A and B (and DoRA's magnitudes) (loralib's API).
 
     ``bias="all"`` also trains every bias; ``"lora_only"`` the biases of adapted layers.
     """
@@ -185,14 +197,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapters' tensors (``...lora.lora_A`` / ``...lora.lora_B``), detached."""
+    """Only the adapters' tensors (``...lora.lora_A`` / ``...lora.lora_B``, DoRA's
+    ``...lora_magnitude_vector``), detached."""
     return {name: tensor.detach() for name, tensor in model.state_dict().items() if _is_lora_parameter(name)}
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which every :class:`LoRALinear` is a plain ``nn.Linear``
-    holding ``W + scaling·B·A`` — same outputs, the base model's cost (minLoRA's one-liner).
+    holding ``W + scaling·B·A`` (DoRA: ``m ⊙ V/‖V‖``; a 4-bit base: in float32) — same outputs, the
+    base model's cost (minLoRA's one-liner).
     The copy's parameters keep the ``requires_grad`` flags of the model's base weights."""
     merged = copy.deepcopy(model)
     for name, module in lora_modules(merged).items():
@@ -202,6 +216,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 new_weight = module.merged_weight()
             except ValueError as error:
                 raise ValueError(f"merging {name} {error}; the model was not merged") from None
+            if isinstance(linear, NF4Linear):  # a 4-bit base merges into a full-precision layer
+                linear = linear.to_linear()
             # A new tensor, not an in-place write: the weight may be shared (a head tied to the embedding).
             linear.weight = nn.Parameter(new_weight, requires_grad=linear.weight.requires_grad)
         replace_module(merged, name, linear)

@@ -88,6 +88,7 @@ def train(
     desc: str = "training",
     progress: bool = True,
     restore_on_error: bool = True,
+    param_groups: list[dict] | None = None,
 ) -> TrainHistory:
     """Train ``model`` (its parameters with ``requires_grad``) with AdamW on next-token
     prediction over ``train_data``, validating on ``val_data`` at the start, every
@@ -100,6 +101,11 @@ def train(
     needs a copy of the trainable parameters, for full fine-tuning a second copy of the model:
     a caller that trains a throwaway copy (as :mod:`lora_lab.experiment.stages` does) passes
     ``restore_on_error=False`` and discards the model instead.
+
+    ``param_groups`` replaces the optimiser's default groups (matrices decayed by
+    ``config.weight_decay``, the rest not): a list of ``{"params", "lr", "weight_decay"}`` dicts
+    covering the trainable parameters once each, as :func:`lora_lab.lora.loraplus.loraplus_param_groups`
+    builds them. A group's ``lr`` is its peak: the schedule scales each group by ``lr / config.lr``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -107,9 +113,11 @@ def train(
     device = torch.device(device)
     given_device, given_mode = params[0].device, model.training
     # Kept so that a failed run leaves the model exactly as it was given.
+    if param_groups is not None:
+        _check_groups(param_groups, params)
     snapshot = [p.detach().clone() for p in params] if restore_on_error else None
     try:
-        return _train(model, params, train_data, val_data, config, block_size, device, desc, progress)
+        return _train(model, params, train_data, val_data, config, block_size, device, desc, progress, param_groups)
     except BaseException:
         if snapshot is None:
             raise
@@ -119,6 +127,19 @@ def train(
                 param.copy_(saved)
         model.train(given_mode)
         raise
+
+
+def _check_groups(groups: list[dict], params: list[nn.Parameter]) -> None:
+    grouped = [p for group in groups for p in group.get("params", [])]
+    if len(grouped) != len(params) or {id(p) for p in grouped} != {id(p) for p in params}:
+        raise ValueError(
+            f"param_groups must hold each trainable parameter exactly once; they hold {len(grouped)} entries for "
+            f"the model's {len(params)} trainable parameters"
+        )
+    for group in groups:
+        lr = group.get("lr")
+        if lr is not None and not (isinstance(lr, float | int) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"a param group's lr must be a positive number, got {lr!r}")
 
 
 def _train(
@@ -131,15 +152,17 @@ def _train(
     device: torch.device,
     desc: str,
     progress: bool,
+    param_groups: list[dict] | None = None,
 ) -> TrainHistory:
     model.to(device)
-    # Decay matrices only (as nanoGPT does): biases and LayerNorm gains are not decayed.
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-    )
+    if param_groups is None:
+        # Decay matrices only (as nanoGPT does): biases and LayerNorm gains are not decayed.
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:  # each group follows the schedule at its own peak lr (LoRA+: B's is λ times A's)
+        groups = [{**group, "lr_ratio": group.get("lr", config.lr) / config.lr} for group in param_groups]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     steps = total_steps(len(train_data), block_size, config.batch_size, config.epochs)
     eval_every = max(1, steps // max(1, config.eval_points))
     result = TrainHistory(steps=steps)
@@ -157,6 +180,8 @@ def _train(
         for step, (x, y) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, config)
+                if "lr_ratio" in group:
+                    group["lr"] *= group["lr_ratio"]
             _, loss = model(x.to(device), y.to(device))
             value = loss.item()
             if not math.isfinite(value):
