@@ -37,8 +37,11 @@ EXPECTED = [
     "04_lora_finetuning.ipynb",
     "05_comparison.ipynb",
     "06_beyond.ipynb",
+    "07_lora_variants.ipynb",
 ]
-EXERCISE_NOTEBOOKS = ("01_low_rank_math.ipynb", "02_lora_layer.ipynb", "04_lora_finetuning.ipynb")
+EXERCISE_NOTEBOOKS = (
+    "01_low_rank_math.ipynb", "02_lora_layer.ipynb", "04_lora_finetuning.ipynb", "07_lora_variants.ipynb",
+)
 MIN_EXERCISES = 5
 MARKERS = (BEGIN_SOLUTION, END_SOLUTION, BEGIN_HIDDEN, END_HIDDEN)
 COMMITTED = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -121,7 +124,7 @@ def _assert_nothing_ran_after(nb: nbformat.NotebookNode, index: int) -> None:
 # --- the committed series --------------------------------------------------------------------------
 
 
-def test_the_six_notebooks_exist_numbered_in_order():
+def test_the_notebooks_exist_numbered_in_order():
     assert [p.name for p in COMMITTED] == EXPECTED
 
 

@@ -407,3 +407,110 @@ def test_nf4_base_refuses_in_place_merge_and_fused_layers() -> None:
     with pytest.raises(ValueError, match=r"FusedLoRALinear.*fused=False"):
         quantize_base(fused)
     assert_same_state(fused, fused_state)
+
+
+# --- the comparison (lora-lab variants), end to end on the smoke profile ----------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory):
+    from lora_lab.experiment.stages import prepare, pretrained_base
+
+    cache = tmp_path_factory.mktemp("variants-cache")
+    overrides = {"pretrain.epochs": 0.3, "sample_tokens": 24}
+    exp = prepare("builtin", "smoke", overrides=overrides, cache=cache, progress=False)
+    return exp, pretrained_base(exp)
+
+
+def test_variants_job_table_json_and_cache(smoke, tmp_path: Path, forbid_training) -> None:
+    from lora_lab.experiment.variants import VariantsResults, run_variants, write_variants
+    from lora_lab.experiment.variants_report import differences_from_lora, format_variants
+
+    exp, base = smoke
+    lrs = {"lora": 3e-3, "dora": 3e-3, "pissa": 1e-3, "loraplus": 1e-3, "qlora": 3e-3, "full": 1e-3}
+    results = run_variants(exp, base, names=list(lrs), seeds=2, epochs=0.2, lrs=lrs, timing_rounds=2)
+    by_name = {v.name: v for v in results.variants}
+    assert [run.seed for run in by_name["lora"].runs] == [0, 1]
+    assert by_name["lora"].runs[0].target_ppl != by_name["lora"].runs[1].target_ppl  # seeds differ
+    assert by_name["qlora"].frozen_bytes < 0.5 * by_name["lora"].frozen_bytes
+    assert by_name["dora"].trainable_params > by_name["lora"].trainable_params == by_name["pissa"].trainable_params
+    assert by_name["lora"].step_time_ratio[0] == 1.0 and all(len(v.step_time_ratio) == 3 for v in results.variants)
+    path = write_variants(results, tmp_path / "variants.json")
+    again = VariantsResults.from_json(path.read_text())
+    assert again == results
+    table = format_variants(again)
+    assert table.count("\n| ") == 1 + len(lrs) and "4-bit base + LoRA" in table
+    assert {d.name for d in differences_from_lora(again)} == set(lrs) - {"lora"}
+    forbid_training("a second run of the same variants must reuse the cache")
+    rerun = run_variants(exp, base, names=list(lrs), seeds=2, epochs=0.2, lrs=lrs, timing_rounds=0)
+    assert [v.runs for v in rerun.variants] == [v.runs for v in results.variants]
+    with pytest.raises(ValueError, match="not a variants table"):
+        VariantsResults.from_json('{"profile": "cpu"}')
+
+
+def test_variants_sweep_picks_the_lowest_validation_loss(smoke) -> None:
+    from lora_lab.experiment.variants import run_variants
+
+    exp, base = smoke
+    results = run_variants(exp, base, names=["rslora"], seeds=1, epochs=0.2, timing_rounds=0)
+    (rslora,) = results.variants
+    assert [lr for lr, _ in rslora.sweep] == [1e-3, 3e-3, 1e-2]
+    assert rslora.lr == min((loss, lr) for lr, loss in rslora.sweep if loss is not None)[1]
+
+
+# --- notebook 07's graders ------------------------------------------------------------------------
+
+
+def _dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, *, axis=1, detach=True, norm_of_w=False,
+          bias_inside=False, with_scaling=True):  # fmt: skip
+    V = weight + (scaling if with_scaling else 1.0) * lora_B @ lora_A
+    norm = torch.linalg.norm(weight if norm_of_w else V, dim=axis)
+    norm = norm.detach() if detach else norm
+    if bias_inside:
+        return (magnitude / norm) * (x @ V.T + bias)
+    return (magnitude / norm) * (x @ V.T) + bias
+
+
+@pytest.mark.parametrize(
+    ("options", "diagnosis"),
+    [
+        ({}, None),
+        ({"axis": 0}, "taken over the wrong axis"),
+        ({"norm_of_w": True}, "the norm is ‖W‖, not ‖W + s·B A‖"),
+        ({"bias_inside": True}, "the bias is inside the rescaling"),
+        ({"with_scaling": False}, "the scaling s = α/r is missing"),
+        ({"detach": False}, "the norm ‖V‖ is not detached"),
+    ],
+)
+def test_check_dora_forward_names_each_mistake(options: dict, diagnosis: str | None, capsys) -> None:
+    from lora_lab.checks import check_dora_forward
+
+    result = check_dora_forward(lambda *args: _dora(*args, **options))
+    printed = capsys.readouterr().out
+    assert bool(result) is (diagnosis is None)
+    assert diagnosis is None or diagnosis in printed
+
+
+def _nf4(weight, block_size, *, per_tensor=False, normalise=True, use_abs=True):
+    blocks = weight.reshape(-1, block_size) if not per_tensor else weight.reshape(1, -1)
+    absmax = (blocks.abs() if use_abs else blocks).amax(dim=1)
+    normalised = blocks / absmax.unsqueeze(1) if normalise else blocks
+    return (normalised.reshape(-1, 1) - nf4_code_book()).abs().argmin(dim=1), absmax
+
+
+@pytest.mark.parametrize(
+    ("options", "diagnosis"),
+    [
+        ({}, None),
+        ({"per_tensor": True}, "one absmax for the whole tensor"),
+        ({"normalise": False}, "round w itself, not w / absmax"),
+        ({"use_abs": False}, "the largest value, not the largest |value|"),
+    ],
+)
+def test_check_nf4_quantize_names_each_mistake(options: dict, diagnosis: str | None, capsys) -> None:
+    from lora_lab.checks import check_nf4_quantize
+
+    result = check_nf4_quantize(lambda w, size: _nf4(w, size, **options))
+    printed = capsys.readouterr().out
+    assert bool(result) is (diagnosis is None)
+    assert diagnosis is None or diagnosis in printed

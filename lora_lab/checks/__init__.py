@@ -20,6 +20,7 @@ The graders, by exercise:
 - :mod:`.lora_layer` and :mod:`.lora_linear` (notebook 02): ``check_lora_layer``,
   ``check_lora_linear``, on the checks of the two factors in :mod:`.factors`;
 - :mod:`.models` (notebook 02): ``check_model_lora_count``;
+- :mod:`.variants` (notebook 07): ``check_dora_forward``, ``check_nf4_quantize``;
 - :mod:`.result`: :class:`CheckResult` and the seeded runner they all share.
 """
 
@@ -28,6 +29,7 @@ from .lora_linear import check_lora_linear
 from .low_rank import check_compression_ratio, check_parameter_count, check_truncated_svd
 from .models import check_model_lora_count
 from .result import CheckResult
+from .variants import check_dora_forward, check_nf4_quantize
 
 __all__ = [
     "CheckResult",
@@ -37,4 +39,6 @@ __all__ = [
     "check_parameter_count",
     "check_compression_ratio",
     "check_model_lora_count",
+    "check_dora_forward",
+    "check_nf4_quantize",
 ]

@@ -184,8 +184,10 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         double = self.absmax is None
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, block={self.block_size}, " \
-               f"double_quant={double}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nf4, block={self.block_size}, "
+            f"double_quant={double}"
+        )
 
 
 def quantize_base(model: nn.Module, *, block_size: int = NF4_BLOCK, double_quant: bool = False) -> nn.Module:
