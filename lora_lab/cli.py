@@ -71,14 +71,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _variants(args: argparse.Namespace) -> int:
     from .experiment.stages import prepare, pretrained_base
-    from .experiment.variants import run_variants, write_variants
+    from .experiment.variants import VARIANTS, run_variants, write_variants
     from .experiment.variants_report import format_variants
 
-    try:
+    try:  # bad arguments are refused before anything trains
         if args.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
-        exp = prepare("builtin", args.profile, device=args.device, cache=args.cache, progress=not args.no_progress)
         names = [name.strip() for name in args.only.split(",")] if args.only else None
+        unknown = sorted(set(names or []) - {v.name for v in VARIANTS})
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; choose from {', '.join(v.name for v in VARIANTS)}")
+        exp = prepare("builtin", args.profile, device=args.device, cache=args.cache, progress=not args.no_progress)
         results = run_variants(exp, pretrained_base(exp), names=names, seeds=args.seeds, epochs=args.epochs)
         write_variants(results, args.out)
     except (ValueError, OSError, FloatingPointError, RuntimeError) as error:

@@ -514,3 +514,13 @@ def test_check_nf4_quantize_names_each_mistake(options: dict, diagnosis: str | N
     printed = capsys.readouterr().out
     assert bool(result) is (diagnosis is None)
     assert diagnosis is None or diagnosis in printed
+
+
+def test_cli_variants_refuses_bad_arguments_before_training(tmp_path: Path, capsys, forbid_training) -> None:
+    from lora_lab import cli
+
+    forbid_training("bad arguments must be refused before anything trains")
+    for argv, message in ((["--only", "lora,nope"], "unknown variants ['nope']"), (["--seeds", "0"], "at least 1")):
+        code = cli.main(["variants", "--profile", "smoke", "--cache", str(tmp_path), *argv])
+        assert code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

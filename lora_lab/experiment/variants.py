@@ -194,7 +194,7 @@ class VariantSummary:
 
 @dataclass
 class VariantsResults:
-    """What ``lora-lab variants`` writes (``paper/data/variants.json``) and notebook 07 reads."""
+    """What ``lora-lab variants`` writes (``paper/variants.json``) and notebook 07 reads."""
 
     profile: str
     epochs: float
