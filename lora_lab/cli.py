@@ -58,11 +58,51 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--sweep", action="store_true",
                      help="also run the rank sweep and write sweep.json, rank_sweep.png, spectrum.png")
+    variants = commands.add_parser(
+        "variants",
+        help="compare LoRA's variants (rsLoRA, DoRA, PiSSA, LoRA+, a 4-bit base) with LoRA and full fine-tuning",
+        description="From the main job's pretrained base (built-in corpus), fine-tune every variant with the "
+        "same step budget over several seeds, each at the learning rate its sweep picks, and write the "
+        "table (perplexities, distance to the entropy floor, forgetting, validity, sizes, step times) as JSON.",
+    )
+    variants.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="the profile (default: cpu)")
+    variants.add_argument("--seeds", type=int, default=3, help="seeds per variant (default: 3)")
+    variants.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: the profile's)")
+    variants.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    variants.add_argument("--out", default="runs/variants.json", help="the JSON file (default: runs/variants.json)")
+    variants.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    variants.add_argument("--cache", default=None, help="artifact cache folder (as for run)")
+    variants.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def _variants(args: argparse.Namespace) -> int:
+    from .experiment.stages import prepare, pretrained_base
+    from .experiment.variants import VARIANTS, run_variants, write_variants
+    from .experiment.variants_report import format_variants
+
+    try:  # bad arguments are refused before anything trains
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+        names = [name.strip() for name in args.only.split(",")] if args.only else None
+        unknown = sorted(set(names or []) - {v.name for v in VARIANTS})
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; choose from {', '.join(v.name for v in VARIANTS)}")
+        exp = prepare("builtin", args.profile, device=args.device, cache=args.cache, progress=not args.no_progress)
+        results = run_variants(exp, pretrained_base(exp), names=names, seeds=args.seeds, epochs=args.epochs)
+        write_variants(results, args.out)
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
+        print(f"lora-lab: error: {error}", file=sys.stderr)
+        return 2
+    print(format_variants(results))
+    print(f"\nWrote {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "variants":
+        return _variants(args)
     import matplotlib
 
     # Files only, no display: the backend must be chosen before the job's modules import pyplot.

@@ -504,7 +504,7 @@ LOAD_ERRORS: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
     "bad alpha_pattern regex": (_edit_config(alpha_pattern={"q(": 8}), ValueError, "alpha_pattern must map"),
     "bias trained": (_edit_config(bias="all"), ValueError, "bias='all'"),
     "PiSSA init": (_edit_config(init_lora_weights="pissa_niter_4"), ValueError, "rewrites the base weights"),
-    "DoRA": (_edit_config(use_dora=True), ValueError, "PEFT features lora_lab does not implement.*use_dora=True"),
+    "DoRA config, plain model": (_edit_config(use_dora=True), ValueError, r"use_dora=True.*has use_dora=False"),
     "layer replication": (_edit_config(layer_replication=[[0, 2]]), ValueError, "layer_replication"),
     "rank differs": (_resave_with(r=8), ValueError, r"r=8, lora_alpha=8.*rank=4, alpha=8.*\(base, rank=8, alpha=8"),
     "alpha differs": (_resave_with(lora_alpha=16), ValueError, r"lora_alpha=16,.*alpha=8,.*alpha=16, use_rslora=False"),
@@ -524,7 +524,7 @@ LOAD_ERRORS: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
     "garbage weights": (_write(ADAPTER_WEIGHTS_NAME, b"\x00" * 64), ValueError, "truncated or corrupt"),
     "foreign tensor": (
         _edit_weights(lambda w: {**w, f"{Q0}.lora_magnitude_vector": torch.ones(WIDTH)}),
-        ValueError, "lora_magnitude_vector' is not named",
+        ValueError, "DoRA magnitudes, but the model's layers are plain LoRA",
     ),
     "layer not adapted in model": (
         _edit_weights(lambda w: {**w, "base_model.model.blocks.0.attn.k.lora_A.weight": torch.ones(4, WIDTH)}),

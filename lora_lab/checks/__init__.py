@@ -21,6 +21,7 @@ The graders, by exercise:
   ``check_lora_linear``, on the checks of the two factors in :mod:`.factors`;
 - :mod:`.models` (notebook 02): ``check_model_lora_count``;
 - :mod:`.conv1d` (notebook 08): ``check_conv1d_merge``;
+- :mod:`.variants` (notebook 07): ``check_dora_forward``, ``check_nf4_quantize``;
 - :mod:`.result`: :class:`CheckResult` and the seeded runner they all share.
 """
 
@@ -30,6 +31,7 @@ from .lora_linear import check_lora_linear
 from .low_rank import check_compression_ratio, check_parameter_count, check_truncated_svd
 from .models import check_model_lora_count
 from .result import CheckResult
+from .variants import check_dora_forward, check_nf4_quantize
 
 __all__ = [
     "CheckResult",
@@ -40,4 +42,6 @@ __all__ = [
     "check_compression_ratio",
     "check_model_lora_count",
     "check_conv1d_merge",
+    "check_dora_forward",
+    "check_nf4_quantize",
 ]

@@ -5,7 +5,9 @@
   fine-tune, evaluate;
 * :mod:`~lora_lab.experiment.results` — :class:`RunResults`, the one definition of ``results.json``;
 * :mod:`~lora_lab.experiment.run` — the main job end to end, and its claims;
-* :mod:`~lora_lab.experiment.report` — the files a run writes.
+* :mod:`~lora_lab.experiment.report` — the files a run writes;
+* :mod:`~lora_lab.experiment.variants` — LoRA's variants compared (``lora-lab variants``), read by
+  :mod:`~lora_lab.experiment.variants_report`.
 """
 
 from .config import PROFILES, LoRARecipe, Profile, get_profile

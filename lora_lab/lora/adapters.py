@@ -9,6 +9,11 @@ A PEFT LoRA adapter (as checked with peft 0.21) is a directory holding two files
 - ``adapter_config.json``: ``r``, ``lora_alpha`` and ``use_rslora`` (which fix the scaling ``α/r``
   or ``α/√r``), ``target_modules`` and PEFT's bookkeeping.
 
+Two of PEFT's variants load and save both ways: DoRA (``use_dora: true``; each layer also holds
+``base_model.model.<path>.lora_magnitude_vector`` of shape ``(out,)``) and PiSSA saved unconverted
+(``init_lora_weights: "pissa"``; its A and B fit the residual base, which a loader rebuilds from the
+plain base's SVD, so the model must be prepared with ``init="pissa"``).
+
 :func:`save_adapter` also records those settings in the weights file's safetensors metadata (key
 ``lora_lab.adapter_config``, beside the ``format: pt`` entry PEFT expects; PEFT ignores other keys), so
 that :func:`load_adapter` can tell a weights file and a config that were not written by the same save.
@@ -33,6 +38,7 @@ from torch import nn
 from ..files import atomic_path, json_text, safetensors_bytes
 from ..validation import check_positive_int, check_positive_real, passes
 from .conv1d import LoRAConv1D
+from .dora import MAGNITUDE_NAME, DoRALinear
 from .inject import lora_modules
 from .layers import LoRALinear
 
@@ -45,11 +51,15 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # PeftModel.state_dict() also holds the adapter name ("default"), which save_pretrained strips. Accept both.
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight")
 _KEY_WITHOUT_PREFIX = re.compile(r".+\.lora_[AB](?:\.default)?\.weight")
+# DoRA's magnitude: PEFT saves it without ".weight" (its state dict has "lora_magnitude_vector.default.weight").
+_MAGNITUDE_KEY = re.compile(rf"base_model\.model\.(?P<module>.+)\.{MAGNITUDE_NAME}(?:\.default)?(?:\.weight)?")
 
 # Config fields read and checked below. Every other field must be "off" (null, false, {} or []) unless it
 # is listed as inert: inert fields name things, matter only while training or initialising, or choose
 # which layers PEFT wraps (the tensor names, checked one by one, say that exactly).
-_CHECKED_FIELDS = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias"}
+_CHECKED_FIELDS = {
+    "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias", "use_dora",
+}  # fmt: skip
 _INERT_FIELDS = {
     "init_lora_weights",  # how A and B started; the exceptions below are refused
     "peft_version", "base_model_name_or_path", "revision", "task_type", "auto_mapping", "inference_mode",
@@ -60,13 +70,30 @@ _INERT_FIELDS = {
 # These initialisations rewrite the base weights (e.g. PiSSA stores W - B0 A0), so their A and B only fit
 # that modified base. PEFT can convert them to plain LoRA when saving (path_initial_model_for_weight_conversion).
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# ...except PiSSA with its exact SVD, which lora_lab implements (init="pissa"); "pissa_niter_K" is randomised.
+_PISSA = "pissa"
 # Safetensors metadata key under which save_adapter records _saved_settings(config) as compact JSON.
 _SETTINGS_KEY = "lora_lab.adapter_config"
 
 
-def _settings(layer: LoRALinear) -> tuple[int, float, bool, float]:
+def _settings(layer: LoRALinear) -> tuple[int, float, bool, float, bool, bool]:
+    """``(rank, alpha, use_rslora, dropout, use_dora, pissa)``."""
     dropout = layer.lora.dropout.p if isinstance(layer.lora.dropout, nn.Dropout) else 0.0
-    return layer.lora.rank, layer.lora.alpha, layer.lora.use_rslora, dropout
+    dora, pissa = isinstance(layer, DoRALinear), layer.lora.init == _PISSA
+    return layer.lora.rank, layer.lora.alpha, layer.lora.use_rslora, dropout, dora, pissa
+
+
+def _trained(layer: LoRALinear) -> dict[str, torch.Tensor]:
+    """What an adapter file holds for ``layer``, by PEFT's names: A and B, and DoRA's magnitude."""
+    tensors = {"lora_A": layer.lora.lora_A, "lora_B": layer.lora.lora_B}
+    if isinstance(layer, DoRALinear):
+        tensors[MAGNITUDE_NAME] = layer.lora_magnitude_vector
+    return tensors
+
+
+def _variant(config: dict[str, Any]) -> tuple[bool, bool]:
+    """``(use_dora, pissa)`` as the config says."""
+    return bool(config.get("use_dora", False)), config.get("init_lora_weights", True) == _PISSA
 
 
 def _saved_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,11 +102,18 @@ def _saved_settings(config: dict[str, Any]) -> dict[str, Any]:
     targets = config.get("target_modules")
     if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         targets = sorted(set(targets))  # PEFT reads the list as a set: order and repeats mean nothing
-    return {
+    settings = {
         "r": config.get("r"), "lora_alpha": config.get("lora_alpha"), "use_rslora": config.get("use_rslora", False),
         "target_modules": targets,
         "rank_pattern": config.get("rank_pattern") or {}, "alpha_pattern": config.get("alpha_pattern") or {},
     }  # fmt: skip
+    # Only when on, so that a plain LoRA adapter's bytes stay what they always were.
+    dora, pissa = _variant(config)
+    if dora:
+        settings["use_dora"] = True
+    if pissa:
+        settings["init_lora_weights"] = _PISSA
+    return settings
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
@@ -110,24 +144,26 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
     settings = {name: _settings(layer) for name, layer in layers.items()}
     if len(set(settings.values())) > 1:
         raise ValueError(
-            "the model's LoRA layers differ in (rank, alpha, use_rslora, dropout), but PEFT's adapter_config.json "
+            "the model's LoRA layers differ in (rank, alpha, use_rslora, dropout, use_dora, pissa), but PEFT's "
+            "adapter_config.json "
             f"holds one value of each (lora_lab does not write rank_pattern/alpha_pattern): {settings}. "
             "Adapt all layers with one apply_lora_to_model call; nothing was saved"
         )
     for name, layer in layers.items():
-        for factor in ("lora_A", "lora_B"):
-            if not torch.isfinite(getattr(layer.lora, factor)).all():
-                raise ValueError(f"{name}.lora.{factor} holds NaN or inf; the adapter is broken and was not saved")
+        for factor, tensor in _trained(layer).items():
+            if not torch.isfinite(tensor).all():
+                where = f"{name}.{factor}" if factor == MAGNITUDE_NAME else f"{name}.lora.{factor}"
+                raise ValueError(f"{where} holds NaN or inf; the adapter is broken and was not saved")
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise TypeError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory; an adapter is saved as a directory")
 
-    rank, alpha, use_rslora, dropout = next(iter(settings.values()))
+    rank, alpha, use_rslora, dropout, dora, pissa = next(iter(settings.values()))
     tensors = {
-        f"base_model.model.{name}.lora_{factor}.weight": getattr(layer.lora, f"lora_{factor}").detach()
+        f"base_model.model.{name}.{factor}" + ("" if factor == MAGNITUDE_NAME else ".weight"): tensor.detach()
         for name, layer in layers.items()
-        for factor in "AB"
+        for factor, tensor in _trained(layer).items()
     }
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
@@ -138,9 +174,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
         "target_modules": sorted(layers), "rank_pattern": {}, "alpha_pattern": {},
         # PEFT sets it per layer anyway (and warns when it corrects it): true when the adapted layers are Conv1D
         "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for layer in layers.values()),
-        "bias": "none", "modules_to_save": None, "use_dora": False, "lora_bias": False,
+        "bias": "none", "modules_to_save": None, "use_dora": dora, "lora_bias": False,
         "layers_to_transform": None, "layers_pattern": None,
-        "init_lora_weights": True,  # how A started does not matter once trained weights are loaded
+        # How A started does not matter once trained weights are loaded, except for PiSSA: its A and B fit the
+        # residual base, which a loader must rebuild from the plain one.
+        "init_lora_weights": _PISSA if pissa else True,
     }  # fmt: skip
     config = dict(sorted(config.items()))  # sorted, as PEFT writes it
     settings_json = json.dumps(_saved_settings(config), sort_keys=True, separators=(",", ":"))
@@ -202,11 +240,14 @@ def _read_config(directory: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: {field} must map module-name regexes to positive numbers, got {patterns!r}")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{path} has bias={config['bias']!r}: it also trained base biases, which lora_lab cannot load")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise ValueError(f"{path}: use_dora must be true or false, got {config['use_dora']!r}")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+    if isinstance(init, str) and init != _PISSA and init.lower().startswith(_BASE_REWRITING_INITS):
         raise ValueError(
             f"{path} has init_lora_weights={init!r}, which rewrites the base weights, so its A and B do not fit the "
-            "original base model; convert it to plain LoRA with PEFT (path_initial_model_for_weight_conversion)"
+            "original base model; convert it to plain LoRA with PEFT (path_initial_model_for_weight_conversion). "
+            "Only init_lora_weights='pissa' (the exact SVD) loads here"
         )
     unsupported = [f"{k}={v!r}" for k, v in config.items() if v and k not in _CHECKED_FIELDS | _INERT_FIELDS]
     if unsupported:
@@ -274,17 +315,18 @@ def _check_same_save(config: dict[str, Any], metadata: dict[str, str], directory
 
 
 def _match_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, LoRALinear]) -> dict[str, dict]:
-    """``{layer name: {"A": tensor, "B": tensor}}``, checking names, coverage, shapes and values."""
+    """``{layer name: {"lora_A": tensor, "lora_B": tensor[, "lora_magnitude_vector": tensor]}}``, checking
+    names, coverage, shapes and values."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.fullmatch(key)
-        if match is None:
+        match, magnitude = _KEY.fullmatch(key), _MAGNITUDE_KEY.fullmatch(key)
+        if match is None and magnitude is None:
             bare = _KEY_WITHOUT_PREFIX.fullmatch(key)
             hint = " It lacks the 'base_model.model.' prefix, so PEFT would skip it too." if bare else ""
             raise ValueError(f"adapter tensor {key!r} is not named 'base_model.model.<module>.lora_A/B.weight'.{hint}")
-        name, factor = match["module"], match["factor"]
+        name, factor = (match["module"], f"lora_{match['factor']}") if match else (magnitude["module"], MAGNITUDE_NAME)
         if factor in factors.setdefault(name, {}):
-            raise ValueError(f"the adapter holds two lora_{factor} tensors for {name} (with and without '.default')")
+            raise ValueError(f"the adapter holds two {factor} tensors for {name} (with and without '.default')")
         factors[name][factor] = tensor
     unknown = sorted(set(factors) - set(layers))
     if unknown:
@@ -292,15 +334,23 @@ def _match_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, LoRALinea
             f"the adapter has weights for {unknown}, which are not LoRA layers of the model (those are "
             f"{sorted(layers)}); prepare the model with target_modules={sorted(factors)}"
         )
-    missing = [f"{name}.lora_{f}" for name in layers for f in "AB" if f not in factors.get(name, {})]
+    extra = [f"{name}.{f}" for name, layer in layers.items() for f in factors.get(name, {}) if f not in _trained(layer)]
+    if extra:
+        raise ValueError(
+            f"the adapter holds {extra}, DoRA magnitudes, but the model's layers are plain LoRA; prepare the model "
+            "with apply_lora_to_model(..., use_dora=True)"
+        )
+    missing = [
+        f"{name}.{f}" for name, layer in layers.items() for f in _trained(layer) if f not in factors.get(name, {})
+    ]
     if missing:
         raise ValueError(
             f"the adapter has no weights for {missing}; those layers would keep their fresh adapters (PEFT only warns "
             f"and leaves B at zero). Prepare the model with target_modules={sorted(factors)}"
         )
     for name, layer in layers.items():
-        for factor, param in (("A", layer.lora.lora_A), ("B", layer.lora.lora_B)):
-            tensor, where = factors[name][factor], f"{name}.lora_{factor} in the adapter"
+        for factor, param in _trained(layer).items():
+            tensor, where = factors[name][factor], f"{name}.{factor} in the adapter"
             if tensor.shape != param.shape:
                 raise ValueError(
                     f"{where} has shape {tuple(tensor.shape)}; the model's layer needs {tuple(param.shape)}"
@@ -313,7 +363,7 @@ def _match_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, LoRALinea
             if not torch.isfinite(tensor.to(param.dtype)).all():
                 dtype = str(param.dtype).removeprefix("torch.")
                 raise ValueError(
-                    f"{where} overflows {dtype}, the dtype of the model's {name}.lora_{factor}: it holds "
+                    f"{where} overflows {dtype}, the dtype of the model's {name}.{factor}: it holds "
                     f"{tensor.abs().max().item():g}, beyond {dtype}'s largest value {torch.finfo(param.dtype).max:g}. "
                     "Load it into a model in float32 (or bfloat16), then convert"
                 )
@@ -337,9 +387,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     tensors, metadata = _read_weights(directory / ADAPTER_WEIGHTS_NAME)
     _check_same_save(config, metadata, directory)
     layers = lora_modules(model)
+    dora, pissa = _variant(config)
     how = (
         f"apply_lora_to_model(base, rank={config['r']}, alpha={config['lora_alpha']}, "
-        f"use_rslora={config.get('use_rslora', False)}, target_modules={config.get('target_modules')!r})"
+        f"use_rslora={config.get('use_rslora', False)}, target_modules={config.get('target_modules')!r}"
+        + (", use_dora=True" if dora else "") + (", init='pissa'" if pissa else "") + ")"
     )
     if not layers:
         raise ValueError(f"the model has no LoRA layers to load the adapter into; prepare it with {how}")
@@ -354,9 +406,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                 f"has rank={rank}, alpha={model_alpha:g}, use_rslora={model_rslora}; a different scaling would change "
                 f"the outputs. Prepare the model with {how}"
             )
+        if _settings(layer)[4:] != (dora, pissa):
+            raise ValueError(
+                f"the adapter has use_dora={dora}, init_lora_weights={'pissa' if pissa else 'not pissa'} but the "
+                f"model's layer {name} has use_dora={_settings(layer)[4]}, pissa={_settings(layer)[5]}: it would "
+                f"compute something else. Prepare the model with {how}"
+            )
     factors = _match_tensors(tensors, layers)
     with torch.no_grad():  # copy_ casts to the model's dtype and device
         for name, layer in layers.items():
-            layer.lora.lora_A.copy_(factors[name]["A"])
-            layer.lora.lora_B.copy_(factors[name]["B"])
+            for factor, param in _trained(layer).items():
+                param.copy_(factors[name][factor])
     return list(layers)

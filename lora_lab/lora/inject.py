@@ -18,9 +18,12 @@ from torch import nn
 from ..validation import check_flag, check_positive_int, check_positive_real
 from . import save_guard
 from .conv1d import LoRAConv1D, is_conv1d, is_linear_like
+from .dora import MAGNITUDE_NAME, DoRALinear
 from .fused import FusedLoRALinear
 from .layers import LoRALinear
+from .nf4 import NF4Linear
 from .peft_options import ALL_LINEAR, all_linear_targets, resolve_options
+from .pissa import check_pissa_rank
 
 __all__ = [
     "apply_lora_to_model",
@@ -120,6 +123,7 @@ def apply_lora_to_model(
     *,
     fused: bool = True,
     inplace: bool = False,
+    use_dora: bool = False,
     **layer_options,
 ) -> nn.Module:
     """Return a deep copy of ``model`` whose targeted linear layers are :class:`LoRALinear`
@@ -137,13 +141,17 @@ def apply_lora_to_model(
             function, computed faster); ``False`` builds the plain, readable :class:`LoRALinear`.
         inplace: adapt ``model`` itself and return it, instead of a copy (no second copy of a big
             model in memory); everything is checked before the model is touched.
-        **layer_options: ``dropout``, ``init`` (``"kaiming"``, ``"gaussian"``, ``"course"``),
-            ``use_rslora`` — see :class:`~lora_lab.lora.layers.LoRALayer` — and PEFT's names ``r``,
-            ``lora_alpha``, ``lora_dropout``, ``init_lora_weights``, ``bias``, ``fan_in_fan_out``
+        use_dora: build :class:`~lora_lab.lora.dora.DoRALinear` layers (PEFT's ``use_dora=True``; they
+            have their own forward, so ``fused`` does not apply).
+        **layer_options: ``dropout``, ``init`` (``"kaiming"``, ``"gaussian"``, ``"course"``, or
+            ``"pissa"``: :mod:`lora_lab.lora.pissa`), ``use_rslora`` — see
+            :class:`~lora_lab.lora.layers.LoRALayer` — and PEFT's names ``r``, ``lora_alpha``,
+            ``lora_dropout``, ``init_lora_weights``, ``bias``, ``fan_in_fan_out``, ``use_dora``
             (see :mod:`~lora_lab.lora.peft_options`).
 
     A transformers model's ``save_pretrained`` is refused while it holds LoRA layers (see
-    :mod:`~lora_lab.lora.save_guard`).
+    :mod:`~lora_lab.lora.save_guard`). For a 4-bit (NF4) frozen base, pass the result (built with
+    ``fused=False``) to :func:`lora_lab.lora.nf4.quantize_base`.
     """
     resolved = resolve_options(rank, alpha, target_modules, layer_options)
     rank, alpha, target_modules, layer_options = (
@@ -155,6 +163,9 @@ def apply_lora_to_model(
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {resolved.bias!r}")
     layer_class = FusedLoRALinear if check_flag("fused", fused) else LoRALinear
     check_flag("inplace", inplace)
+    from_config = layer_options.pop("use_dora", False)  # a LoraConfig's use_dora arrives among the options
+    if check_flag("use_dora", use_dora) or check_flag("use_dora", from_config):
+        layer_class = DoRALinear
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_lora_to_model needs an nn.Module, got {type(model).__name__}")
     existing = lora_modules(model)
@@ -172,6 +183,21 @@ def apply_lora_to_model(
             "projections (as lora_lab.model.GPT does), or target only other layers after replacing it."
         )
     targets = find_target_modules(model, target_modules)
+    variant = None
+    if layer_class is DoRALinear:
+        variant = "use_dora=True"
+    elif layer_options.get("init") == "pissa":
+        variant = 'init="pissa"'
+    conv1d = [name for name in targets if is_conv1d(model.get_submodule(name))]
+    if variant and conv1d:
+        raise ValueError(
+            f"{variant} is built here for nn.Linear layers, and {', '.join(conv1d[:3])} "
+            f"{'are' if len(conv1d) > 1 else 'is'} transformers' Conv1D (GPT-2); use PEFT's get_peft_model for "
+            "DoRA or PiSSA on Conv1D, or plain LoRA here"
+        )
+    if variant == 'init="pissa"':  # PiSSA rewrites each base weight: every rank is checked before the first one
+        for name in targets:
+            check_pissa_rank(model.get_submodule(name), rank)
     # Build every layer before the first replacement, so that a bad option leaves an in-place model untouched.
     adapted = model if inplace else copy.deepcopy(model)
     new_layers = {}
@@ -187,11 +213,12 @@ def apply_lora_to_model(
 
 
 def _is_lora_parameter(name: str) -> bool:
-    return "lora_A" in name.rsplit(".", 1)[-1] or "lora_B" in name.rsplit(".", 1)[-1]
+    last = name.rsplit(".", 1)[-1]
+    return "lora_A" in last or "lora_B" in last or last == MAGNITUDE_NAME
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Freeze every parameter except the adapters' A and B (loralib's API).
+    """Freeze every parameter except the adapters' A and B (and DoRA's magnitudes) (loralib's API).
 
     ``bias="all"`` also trains every bias; ``"lora_only"`` the biases of adapted layers.
     """
@@ -220,14 +247,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapters' tensors (``...lora.lora_A`` / ``...lora.lora_B``), detached."""
+    """Only the adapters' tensors (``...lora.lora_A`` / ``...lora.lora_B``, DoRA's
+    ``...lora_magnitude_vector``), detached."""
     return {name: tensor.detach() for name, tensor in model.state_dict().items() if _is_lora_parameter(name)}
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which every :class:`LoRALinear` is a plain ``nn.Linear``
-    holding ``W + scaling·B·A`` — same outputs, the base model's cost (minLoRA's one-liner).
+    holding ``W + scaling·B·A`` (DoRA: ``m ⊙ V/‖V‖``; a 4-bit base: in float32) — same outputs, the
+    base model's cost (minLoRA's one-liner).
     The copy's parameters keep the ``requires_grad`` flags of the model's base weights."""
     merged = copy.deepcopy(model)
     for name, module in lora_modules(merged).items():
@@ -237,6 +266,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 new_weight = module.merged_weight()
             except ValueError as error:
                 raise ValueError(f"merging {name} {error}; the model was not merged") from None
+            if isinstance(linear, NF4Linear):  # a 4-bit base merges into a full-precision layer
+                linear = linear.to_linear()
             # A new tensor, not an in-place write: the weight may be shared (a head tied to the embedding).
             linear.weight = nn.Parameter(new_weight, requires_grad=linear.weight.requires_grad)
         replace_module(merged, name, linear)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..validation import check_flag, check_fraction, check_positive_int, check_positive_real
+from .pissa import check_pissa_rank, pissa_initialise
 
 __all__ = ["LoRALayer", "LoRALinear", "INIT_METHODS"]
 
@@ -117,7 +118,8 @@ class LoRALinear(nn.Module):
         original_layer: the ``nn.Linear`` to adapt.
         rank, alpha: see :class:`LoRALayer`.
         **layer_options: forwarded to :class:`LoRALayer` (``dropout``, ``init``,
-            ``use_rslora``).
+            ``use_rslora``); ``init="pissa"`` sets A and B from the top singular triplets of
+            ``W`` and gives the base the residual (:mod:`lora_lab.lora.pissa`).
     """
 
     def __init__(self, original_layer: nn.Linear, rank: int = 4, alpha: float = 1.0, **layer_options) -> None:
@@ -127,6 +129,10 @@ class LoRALinear(nn.Module):
                 f"LoRALinear wraps an nn.Linear, got {type(original_layer).__name__}; "
                 "use apply_lora_to_model to adapt a whole model"
             )
+        pissa = layer_options.get("init") == "pissa"
+        if pissa:  # A and B come from W's SVD below; checked first, so a refused layer is left as it was
+            check_pissa_rank(original_layer, check_positive_int("rank", rank))
+            layer_options = {**layer_options, "init": "kaiming"}
         self.original_layer = original_layer
         weight = original_layer.weight
         self.lora = LoRALayer(
@@ -140,6 +146,8 @@ class LoRALinear(nn.Module):
         )
         for param in self.original_layer.parameters():
             param.requires_grad = False
+        if pissa:
+            pissa_initialise(self)
         self.merged = False
         self.disabled = False  # set by lora_lab.disable_lora to run the base model alone
 
@@ -194,6 +202,11 @@ class LoRALinear(nn.Module):
             raise RuntimeError("this LoRALinear is already merged; call unmerge() before merging again")
         if self.disabled:
             raise RuntimeError("cannot merge inside disable_lora(): the adapter is switched off; merge after the block")
+        if not isinstance(self.original_layer, nn.Linear):
+            raise RuntimeError(
+                f"cannot merge in place into a {type(self.original_layer).__name__} base (a quantised weight cannot "
+                "hold W + ΔW); use lora_lab.merge_lora(model) for a full-precision merged copy"
+            )
         weight = self.original_layer.weight
         try:
             merged_weight = self.merged_weight()

@@ -28,14 +28,16 @@ DEFAULT_RANK, DEFAULT_ALPHA = 4, 1.0  # apply_lora_to_model's defaults (the cour
 # PEFT keyword -> lora_lab keyword, for the options that mean the same thing.
 _ALIASES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
 # PEFT's init_lora_weights values that lora_lab computes (True is PEFT's default, kaiming-uniform A).
-_INITS = {True: "kaiming", "gaussian": "gaussian"}
+_INITS = {True: "kaiming", "gaussian": "gaussian", "pissa": "pissa"}
 # LoraConfig fields that do not change what is computed here: names, bookkeeping, and fan_in_fan_out (the layer
 # type decides it, as PEFT itself corrects a wrong value per layer).
 _INERT_CONFIG_FIELDS = {
     "peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping",
     "peft_version", "fan_in_fan_out",
 }  # fmt: skip
-_READ_CONFIG_FIELDS = {"r", "lora_alpha", "lora_dropout", "init_lora_weights", "use_rslora", "target_modules", "bias"}
+_READ_CONFIG_FIELDS = {
+    "r", "lora_alpha", "lora_dropout", "init_lora_weights", "use_rslora", "target_modules", "bias", "use_dora",
+}  # fmt: skip
 
 
 @dataclass
@@ -120,7 +122,7 @@ def resolve_options(
             if value not in _INITS:
                 raise ValueError(
                     f"init_lora_weights={value!r} is not implemented here; lora_lab offers True (PEFT's default, "
-                    "kaiming-uniform A, zero B) and 'gaussian' (or its own init='course')"
+                    "kaiming-uniform A, zero B), 'gaussian' and 'pissa' (or its own init='course')"
                 )
             value = _INITS[value]
         if name in values:

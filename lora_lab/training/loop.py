@@ -92,6 +92,7 @@ def train(
     restore_on_error: bool = True,
     keep_best: bool = False,
     compute: ComputeSettings | None = None,
+    param_groups: list[dict] | None = None,
 ) -> TrainHistory:
     """Train ``model`` (its parameters with ``requires_grad``) with AdamW on next-token
     prediction over ``train_data``, validating on ``val_data`` at the start, every
@@ -116,6 +117,11 @@ def train(
     the step runs under ``DistributedDataParallel``, each rank on its share of every batch
     (:mod:`~lora_lab.training.distributed`); validation then runs on rank 0 only, so
     ``keep_best`` is refused there.
+
+    ``param_groups`` replaces the optimiser's default groups (matrices decayed by
+    ``config.weight_decay``, the rest not): a list of ``{"params", "lr", "weight_decay"}`` dicts
+    covering the trainable parameters once each, as :func:`lora_lab.lora.loraplus.loraplus_param_groups`
+    builds them. A group's ``lr`` is its peak: the schedule scales each group by ``lr / config.lr``.
     """
     if keep_best and val_data is None:
         raise ValueError("keep_best keeps the checkpoint of lowest validation loss, so it needs val_data")
@@ -129,10 +135,13 @@ def train(
     resolved = (compute or ComputeSettings()).resolve(device)  # an impossible option fails before anything moves
     given_device, given_mode = params[0].device, model.training
     # Kept so that a failed run leaves the model exactly as it was given.
+    if param_groups is not None:
+        _check_groups(param_groups, params)
     snapshot = [p.detach().clone() for p in params] if restore_on_error else None
     try:
         return _train(
-            model, params, train_data, val_data, config, block_size, device, desc, progress, resolved, keep_best
+            model, params, train_data, val_data, config, block_size, device, desc, progress, resolved, keep_best,
+            param_groups,
         )
     except BaseException:
         if snapshot is None:
@@ -143,6 +152,19 @@ def train(
                 param.copy_(saved)
         model.train(given_mode)
         raise
+
+
+def _check_groups(groups: list[dict], params: list[nn.Parameter]) -> None:
+    grouped = [p for group in groups for p in group.get("params", [])]
+    if len(grouped) != len(params) or {id(p) for p in grouped} != {id(p) for p in params}:
+        raise ValueError(
+            f"param_groups must hold each trainable parameter exactly once; they hold {len(grouped)} entries for "
+            f"the model's {len(params)} trainable parameters"
+        )
+    for group in groups:
+        lr = group.get("lr")
+        if lr is not None and not (isinstance(lr, float | int) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"a param group's lr must be a positive number, got {lr!r}")
 
 
 def _train(
@@ -157,20 +179,21 @@ def _train(
     progress: bool,
     compute: ResolvedCompute,
     keep_best: bool = False,
+    param_groups: list[dict] | None = None,
 ) -> TrainHistory:
     model.to(device)
     world = distributed.current()
     world.seed_dropout(config.seed)
     # The model the step calls: DDP around the model (it shares its parameters), then compiled.
     step_model = compute.compiled(world.wrap(model, device))
-    # Decay matrices only (as nanoGPT does): biases and LayerNorm gains are not decayed.
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = make_adamw(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        config.lr,
-        device,
-    )
+    if param_groups is None:
+        # Decay matrices only (as nanoGPT does): biases and LayerNorm gains are not decayed.
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:  # each group follows the schedule at its own peak lr (LoRA+: B's is λ times A's)
+        groups = [{**group, "lr_ratio": group.get("lr", config.lr) / config.lr} for group in param_groups]
+    optimizer = make_adamw(groups, config.lr, device)
     steps = total_steps(len(train_data), block_size, config.batch_size, config.epochs)
     eval_every = max(1, steps // max(1, config.eval_points))
     result = TrainHistory(steps=steps)
@@ -192,6 +215,8 @@ def _train(
         for step, (x, y) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, config)
+                if "lr_ratio" in group:
+                    group["lr"] *= group["lr_ratio"]
             x, y, weight = world.shard(x, y)
             with compute.autocast():
                 _, loss = step_model(to_device(x, device), to_device(y, device))
