@@ -68,6 +68,18 @@ class CheckResult:
         lines.append(f"{failed} failed, {passed} passed." if failed else f"All {passed} passed.")
         return "\n".join(lines)
 
+    def diagnosis(self) -> str:
+        """What failed, each with its hint, in one text: the message for ``assert result, result.diagnosis()``.
+
+        ``nbgrader validate`` shows a failing test's traceback but not what the cell printed, so the
+        diagnosis must travel in the assertion message itself."""
+        if not self.entries:
+            return f"{self.name}: nothing was checked"
+        lines = [f"{self.name}: {len(self.failed)} of {len(self.entries)} properties fail"]
+        for problem, hint in self.failed:
+            lines += [f"  FAIL  {problem}", f"        hint: {hint}"]
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         return f"CheckResult({self.name!r}, passed={len(self.passed)}, failed={len(self.failed)})"
 

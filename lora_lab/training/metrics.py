@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["mean_loss", "perplexity", "generate_samples"]
 
@@ -86,11 +87,13 @@ def generate_samples(
     top_k: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> list[str]:
     """One continuation per prompt (prompt included), reproducible from ``seed``: prompt
-    ``i`` is sampled with seed ``seed + i`` so adding a prompt does not change the others."""
+    ``i`` is sampled with seed ``seed + i`` so adding a prompt does not change the others.
+    ``progress=True`` shows a bar over the prompts (gone when done), for long generations."""
     samples = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(tqdm(prompts, desc="sampling", unit="prompt", disable=not progress, leave=False)):
         idx = tokenizer.encode(prompt)[None, :].to(device)
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i)
         samples.append(tokenizer.decode(out[0]))
