@@ -186,4 +186,6 @@ def test_validate_shows_the_student_the_diagnosis(course):
     must be in the assertion message."""
     submission = course / "submitted" / "seed_layout" / "02_lora_layer" / "02_lora_layer.ipynb"
     shown = _nbgrader(course, "validate", str(submission)).stdout
-    assert "VALIDATION FAILED" in shown and "it is transposed (the course" in shown and "hint: " in shown
+    assert "VALIDATION FAILED" in shown and "lora_A has shape (12, 3) = (in_features, rank): it is transposed" in shown
+    # validate cuts long lines ("…"): the diagnosis is wrapped so that its hints arrive whole
+    assert "hint: A is r × k in the paper" in shown and "(3, 12); then ΔW = B A" in shown
