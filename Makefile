@@ -2,7 +2,8 @@
 # each target creates and fills its own virtual environment in .venv first.
 #
 #   make run        set up, then the main job (pretrain -> LoRA -> full fine-tuning -> comparison)
-#   make test       set up, then lint + the test suite + strict nbval over the notebooks
+#   make test       set up, then lint + the test suite (the nbgrader round trip and the JupyterLab browser
+#                   test included) + strict nbval over the notebooks
 #   make notebooks  re-execute every notebook in place (outputs committed for nbval)
 #   make student    write student versions of the notebooks to build/student/
 #   make bench      the benchmark suite (ratios measured side by side)
@@ -19,7 +20,7 @@ RUN_DIR ?= runs/builtin-cpu
 # Seeds of the run the PDF quotes (make pdf SEEDS=3: mean ± spread over seeds 0, 1, 2).
 SEEDS ?= 1
 
-.PHONY: setup run test lint notebooks student bench pdf clean
+.PHONY: setup run test lint browser notebooks student bench pdf clean
 
 setup: $(VENV)/.installed
 
@@ -36,8 +37,17 @@ run: setup
 lint: setup
 	$(PY) -m ruff check .
 
-test: lint
+test: lint browser
 	$(PY) -m pytest --nbval --nbval-current-env tests notebooks
+
+# tests/test_browser.py drives Debian's chromium through Playwright's Python package (a test dependency).
+# Installed here when missing and make runs as root with apt (CI); otherwise that test is skipped, saying so.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser test (apt-get)"; \
+		apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
+	fi
 
 notebooks: setup
 	$(PY) -m lora_lab.notebook_tools execute notebooks

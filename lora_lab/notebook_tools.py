@@ -2,11 +2,16 @@
 
 ``python -m lora_lab.notebook_tools execute [PATHS...]`` re-runs notebooks in place on a fresh
 kernel (default: every ``notebooks/*.ipynb``, in order), so their committed outputs are the ones
-``pytest --nbval`` compares against. A notebook that fails is left exactly as it was.
+``pytest --nbval`` compares against. A notebook that fails is left exactly as it was. It is saved
+with the metadata JupyterLab writes (the kernel's ``language_info``, its ``version`` included), so
+opening it in JupyterLab leaves git clean; outputs of widgets closed during the run (progress bars
+with ``leave=False``) are dropped, as they are gone from a live screen too.
 
 ``python -m lora_lab.notebook_tools student SRC_DIR OUT_DIR`` writes the student versions: the
 code between nbgrader's ``### BEGIN SOLUTION`` / ``### END SOLUTION`` lines becomes
-``raise NotImplementedError()``, hidden tests disappear and every output is cleared.
+``raise NotImplementedError()``, hidden tests disappear and every output is cleared. It is a quick
+preview: it writes none of nbgrader's checksums and locks, so a course hands out what
+``nbgrader generate_assignment`` writes (README, "The classroom").
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ CELL_TIMEOUT = 1800  # seconds per cell: the slowest training cell takes minutes
 WIDGET_CELL_TIMEOUT = 120
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 RAISES = "raises-exception"  # the cell tag that nbclient and nbval both read as "this cell is meant to fail"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def notebook_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -54,9 +60,32 @@ def _normalise(nb: nbformat.NotebookNode) -> None:
     """Drop what changes on every run or machine but is not output, so diffs show only real changes."""
     nb.metadata.pop("widgets", None)  # widget state: large, random model ids, useless without a live kernel
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
-    nb.metadata.get("language_info", {}).pop("version", None)  # the Python patch release of whoever ran it
+    # language_info stays as the kernel reported it, version included: JupyterLab writes exactly that on
+    # its first save, so a notebook saved without it shows as changed as soon as someone opens it.
     for cell in nb.cells:
         cell.metadata.pop("execution", None)  # timestamps (nbclient's record_timing)
+
+
+class _Client(NotebookClient):
+    """nbclient, noting which widgets (comms) the kernel closed during the run."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.closed_widgets: set[str] = set()
+
+    def handle_comm_msg(self, outs: list, msg: dict, cell_index: int) -> None:
+        if msg["msg_type"] == "comm_close":
+            self.closed_widgets.add(msg["content"].get("comm_id", ""))
+        super().handle_comm_msg(outs, msg, cell_index)
+
+
+def _drop_closed_widgets(nb: nbformat.NotebookNode, closed: set[str]) -> None:
+    """Remove the display outputs of widgets closed during the run (a tqdm bar with ``leave=False``): saved,
+    they would show as a bar frozen at its first frame, above the finished results."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            kept = [o for o in cell.outputs if o.get("data", {}).get(WIDGET_VIEW, {}).get("model_id") not in closed]
+            cell.outputs = kept
 
 
 def _write(path: Path, nb: nbformat.NotebookNode) -> None:
@@ -87,7 +116,7 @@ def execute_notebook(path: str | Path, *, timeout: int = CELL_TIMEOUT) -> None:
     for cell in borrowed:
         cell.metadata.setdefault("tags", []).append(RAISES)
     current = {"index": None}
-    client = NotebookClient(
+    client = _Client(
         nb,
         timeout=timeout,
         timeout_func=lambda cell: _cell_timeout(cell, timeout),
@@ -116,6 +145,7 @@ def execute_notebook(path: str | Path, *, timeout: int = CELL_TIMEOUT) -> None:
         cell.metadata["tags"].remove(RAISES)
         if not cell.metadata["tags"]:
             del cell.metadata["tags"]
+    _drop_closed_widgets(nb, client.closed_widgets)
     _normalise(nb)
     _write(path, nb)
 
@@ -188,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("execute", help="re-execute notebooks in place (outputs are committed for nbval)")
     run.add_argument("paths", nargs="*", default=["notebooks"], help="notebooks or folders (default: notebooks)")
     run.add_argument("--timeout", type=int, default=CELL_TIMEOUT, help="seconds allowed per cell")
-    handout = commands.add_parser("student", help="write student versions (solutions removed, outputs cleared)")
+    handout = commands.add_parser(
+        "student",
+        help="preview student versions (solutions removed, outputs cleared; no nbgrader checksums or locks: "
+        "a course hands out what nbgrader generate_assignment writes)",
+    )
     handout.add_argument("source_dir")
     handout.add_argument("out_dir")
     args = parser.parse_args(argv)

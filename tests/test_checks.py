@@ -18,10 +18,13 @@ from lora_lab.checks import (
     check_compression_ratio,
     check_lora_layer,
     check_lora_linear,
+    check_lora_optimizer,
+    check_merged_weight,
     check_model_lora_count,
     check_parameter_count,
     check_truncated_svd,
 )
+from lora_lab.checks.grading import grade
 from lora_lab.lora.fused import FusedLoRALinear
 from lora_lab.lora.layers import LoRALayer, LoRALinear
 
@@ -167,7 +170,7 @@ class MaterialisedUntransposed(GoodLoRALayer):
 def test_lora_layer_names_materialised_delta_w(capsys) -> None:
     result = check_lora_layer(Materialised)
     out = _report(capsys)
-    _assert_fails(result, out, "builds ΔW = B·A (10×12)", "weight gradient", "(x @ self.lora_A.T) @ self.lora_B.T")
+    _assert_fails(result, out, "builds ΔW = B·A (10×12)", "weight gradient", "never form B @ A")
     assert len(result.failed) == 1  # the values are right: only the cost is wrong
 
 
@@ -321,7 +324,7 @@ def test_lora_linear_names_base_not_frozen(capsys) -> None:
     ("cls", "phrases"),
     [
         (AdapterFrozen, ("the adapter is frozen too", "not self.parameters()")),
-        (NoAdapterInForward, ("the adapter never runs", "self.original_layer(x) + self.lora(x)")),
+        (NoAdapterInForward, ("the adapter never runs", "adapter's branch (self.lora)")),
         (AdapterOnly, ("the output is the adapter's alone", "LoRA adds ΔW x to W x")),
         (FreshLinear, ("original_layer is not the nn.Linear passed in", "pretrained weights")),
         (UnscaledLinear, ("not scaled", "alpha / rank")),
@@ -396,9 +399,9 @@ def _factors(M, r):
     ("fn", "phrases"),
     [
         (_one_too_many, ("has rank 2, expected 1 (one too many", "[:r]")),
-        (_no_singular_values, ("the singular values are missing", "torch.diag(S[:r])")),
+        (_no_singular_values, ("the singular values are missing", "between the two factors")),
         (_smallest, ("SMALLEST singular values", "descending order")),
-        (_columns_of_vh, ("columns of Vh instead of rows", "Vh[:r]")),
+        (_columns_of_vh, ("columns of Vh instead of rows", "rows or its columns")),
         (_no_truncation, ("fn(M, 1) for a (20, 12) matrix has rank 12, expected 1", "keep exactly r")),
         (_in_place, ("modified its input M in place",)),
         (_factors, ("returned tuple", "not its factors")),
@@ -451,7 +454,7 @@ def test_compression_ratio_passes_reference(capsys) -> None:
     ],
 )
 def test_compression_ratio_names_typical_mistakes(fn, phrase, capsys) -> None:
-    _assert_fails(check_compression_ratio(fn), _report(capsys), phrase, "d * k / (r * (d + k))")
+    _assert_fails(check_compression_ratio(fn), _report(capsys), phrase, "which divided by which")
 
 
 # --- check_model_lora_count -------------------------------------------------------------------
@@ -520,3 +523,100 @@ def test_check_result_is_falsy_when_empty_or_failed() -> None:
         "        hint: fix it",
         "1 failed, 1 passed.",
     ]
+
+
+# --- notebook 04's graders, the grading entry point and the diagnosis -------------------------------------
+
+
+def _good_optimizer(model, lr):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+@pytest.mark.parametrize(
+    ("fn", "phrases"),
+    [
+        (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr), ("frozen parameters", "requires_grad is True")),
+        (
+            lambda m, lr: torch.optim.AdamW([p for n, p in m.named_parameters() if "lora" in n], lr=lr),
+            ("LayerNorm unfrozen", "not by their name"),
+        ),
+        (lambda m, lr: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr), ("not a torch.optim",)),
+        (lambda m, lr: _good_optimizer(m, 1e-3), ("another learning rate",)),
+        (lambda m, lr: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad] * 2, lr=lr), ("twice",)),
+    ],
+    ids=["everything", "by-name", "adam", "lr", "twice"],
+)
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+def test_lora_optimizer_names_the_mistake(fn, phrases, capsys) -> None:
+    _assert_fails(check_lora_optimizer(fn), _report(capsys), *phrases)
+
+
+def test_lora_optimizer_passes_the_solution(capsys) -> None:
+    _assert_passes(check_lora_optimizer(_good_optimizer), _report(capsys))
+
+
+def _merged(layer, scale=None, transpose=False, base=True):
+    lora = layer.lora
+    with torch.no_grad():
+        delta = (lora.scaling if scale is None else scale) * lora.lora_B @ lora.lora_A
+        merged = layer.weight + delta if base else delta
+    return merged.T if transpose else merged
+
+
+@pytest.mark.parametrize(
+    ("fn", "phrases"),
+    [
+        (lambda layer: _merged(layer, scale=1.0), ("not scaled",)),
+        (lambda layer: _merged(layer, scale=layer.lora.rank / layer.lora.alpha), ("r/α instead of α/r",)),
+        (lambda layer: _merged(layer, base=False), ("W0 is missing",)),
+        (lambda layer: _merged(layer, transpose=True), ("it is transposed",)),
+        (lambda layer: layer.weight.add_(1.0), ("changed the layer",)),
+    ],
+    ids=["unscaled", "inverted", "no-base", "transposed", "in-place"],
+)
+def test_merged_weight_names_the_mistake(fn, phrases, capsys) -> None:
+    _assert_fails(check_merged_weight(fn), _report(capsys), *phrases)
+
+
+def test_merged_weight_passes_the_solution(capsys) -> None:
+    _assert_passes(check_merged_weight(_merged), _report(capsys))
+
+
+def test_lora_linear_on_the_reference_layer_is_not_failed_by_the_students_layer(capsys) -> None:
+    """With layer_class, the wrapper is graded on lora_lab's LoRALayer, found under the name LoRALayer in the
+    namespace the wrapper was defined in; the student's own binding is restored afterwards."""
+    namespace = {"nn": nn, "LoRALayer": SeedLayoutLayer}
+    exec(  # a wrapper defined in a namespace of its own, as in a notebook
+        "class Wrapper(nn.Module):\n"
+        "    def __init__(self, original_layer, rank=4, alpha=1.0):\n"
+        "        super().__init__()\n"
+        "        self.original_layer = original_layer\n"
+        "        self.lora = LoRALayer(original_layer.in_features, original_layer.out_features, rank, alpha)\n"
+        "        for p in original_layer.parameters():\n"
+        "            p.requires_grad = False\n"
+        "    def forward(self, x):\n"
+        "        return self.original_layer(x) + self.lora(x)\n",
+        namespace,
+    )
+    assert not check_lora_linear(namespace["Wrapper"])
+    capsys.readouterr()
+    result = check_lora_linear(namespace["Wrapper"], layer_class=LoRALayer)
+    _assert_passes(result, _report(capsys))
+    assert namespace["LoRALayer"] is SeedLayoutLayer
+
+
+def test_diagnosis_lists_every_failure_with_its_hint() -> None:
+    result = CheckResult("check_x(f)")
+    result.ok("fine")
+    result.fail("wrong shape", "look at the shape")
+    expected = "check_x(f): 1 of 2 properties fail\n  FAIL  wrong shape\n        hint: look at the shape"
+    assert result.diagnosis() == expected
+
+
+def test_grade_raises_the_diagnosis_and_prints_nothing(capsys) -> None:
+    grade("check_lora_optimizer", _good_optimizer)
+    with pytest.raises(AssertionError, match=r"(?s)frozen\s+parameters.*hint: "):
+        grade("check_lora_optimizer", lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr))
+    assert capsys.readouterr().out == ""
+    with pytest.raises(KeyError, match="known: check_compression_ratio"):
+        grade("check_nothing", None)

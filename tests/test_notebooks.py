@@ -8,6 +8,7 @@ for four tests only (a few seconds each).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -152,6 +153,50 @@ def test_notebook_metadata_is_clean(path):
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{path.name}: kernel must be python3"
     timed = [i for i, cell in enumerate(nb.cells) if "execution" in cell.metadata]
     assert not timed, f"{path.name} cells {timed} hold execution timestamps: {REEXECUTE}"
+    # JupyterLab adds the kernel's language_info (its Python version included) on its first save: a notebook
+    # committed without it shows as changed as soon as someone opens it (tests/test_browser.py checks the bytes).
+    assert nb.metadata.get("language_info", {}).get("version"), f"{path.name} lacks language_info.version: {REEXECUTE}"
+
+
+RAW_WIDGET = re.compile(r"\b(interactive|[A-Z]\w*Box|IntSlider|IntProgress|FloatProgress)\(")
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_outputs_show_nothing_broken(path):
+    """What a reader sees without a live kernel: no widget's raw repr and no progress bar frozen at 0%."""
+    for index, cell in _code_cells(_read(path)):
+        for output in cell.outputs:
+            data = output.get("data", {})
+            text = output.get("text", "") + str(data.get("text/plain", ""))
+            if "application/vnd.jupyter.widget-view+json" in data:
+                assert "image/png" in data, f"{path.name} cell {index}: a widget output without a still picture"
+            assert not RAW_WIDGET.search(text), f"{path.name} cell {index} shows a widget's raw repr: {text[:80]!r}"
+            assert "0%|" not in text, f"{path.name} cell {index} shows a progress bar frozen at 0%"
+
+
+def _grade_ids(nb: nbformat.NotebookNode) -> list[tuple[dict, nbformat.NotebookNode]]:
+    return [(cell.metadata["nbgrader"], cell) for cell in nb.cells if "nbgrader" in cell.metadata]
+
+
+@pytest.mark.parametrize("name", EXERCISE_NOTEBOOKS)
+def test_exercises_are_numbered_across_the_series_and_their_tests_cannot_be_fooled(name):
+    """README's rule: grade ids are ``exNN_setup`` (the locked setup cell), ``exNN_k_<what>`` (exercise NN.k)
+    and ``exNN_k_<what>_test``; a test cell is locked and its hidden part grades with a freshly imported
+    lora_lab.checks.grading, whose failures carry the diagnosis."""
+    nb = _read(NOTEBOOK_DIR / name)
+    number = name[:2]
+    cells = _grade_ids(nb)
+    setup = [cell for grader, cell in cells if grader["grade_id"] == f"ex{number}_setup"]
+    assert setup and setup[0] is next(c for c in nb.cells if c.cell_type == "code"), f"{name}: lock the setup cell"
+    assert setup[0].metadata["nbgrader"]["locked"]
+    for grader, cell in cells:
+        grade_id = grader["grade_id"]
+        assert re.fullmatch(rf"ex{number}_(setup|\d+_[a-z]+(_test)?)", grade_id), f"{name}: grade id {grade_id}"
+        if grader.get("grade"):
+            assert grader["locked"] and grade_id.endswith("_test"), f"{name}: {grade_id} must be a locked test"
+            hidden = cell.source.split(BEGIN_HIDDEN)[-1]
+            assert "sys.modules" in hidden and "lora_lab.checks.grading import grade" in hidden, grade_id
+            assert "result.diagnosis()" in cell.source.split(BEGIN_HIDDEN)[0], grade_id
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
@@ -392,3 +437,21 @@ def test_a_slider_cell_gets_the_short_timeout(tmp_path, monkeypatch):
     message = r"n\.ipynb: cell 1 \('# interact\('\) failed: CellTimeoutError.* after 1 seconds"
     with pytest.raises(RuntimeError, match=message):
         execute_notebook(tmp_path / "n.ipynb", timeout=30)
+
+
+def test_execute_drops_closed_widgets_and_keeps_what_jupyterlab_writes(tmp_path):
+    """A tqdm bar with leave=False closes its widget: its output is dropped (saved, it would show a bar frozen at
+    its first frame). A widget still open stays. language_info keeps the kernel's version, as JupyterLab saves it."""
+    nb = new_notebook(
+        cells=[
+            new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(3), leave=False):\n    pass\nprint('done')"),
+            new_code_cell("import ipywidgets\nipywidgets.IntSlider()"),
+        ]
+    )
+    nbformat.write(nb, tmp_path / "n.ipynb")
+    execute_notebook(tmp_path / "n.ipynb")
+    done = _read(tmp_path / "n.ipynb")
+    assert [o.output_type for o in done.cells[0].outputs] == ["stream"]
+    assert done.cells[0].outputs[0].text == "done\n"
+    assert "application/vnd.jupyter.widget-view+json" in done.cells[1].outputs[0].data
+    assert done.metadata.language_info.version.count(".") == 2  # e.g. 3.11.7

@@ -20,6 +20,8 @@
   (:func:`optimizer_memory_bytes`) and the comparison table of the measured models;
 * :mod:`~lora_lab.analysis.figures` — every figure of the report, the notebooks and the PDF, and
   the style they share (:data:`MODEL_COLORS`, :data:`LABELS`, :func:`readable`).
+* :mod:`~lora_lab.analysis.interactive` — the notebooks' slider that redraws a picture
+  (:func:`~lora_lab.analysis.interactive.image_slider`; imported from there, it needs ipywidgets).
 
 Everything public is importable from here (``from lora_lab.analysis import rank_sweep``).
 """

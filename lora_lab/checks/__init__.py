@@ -3,7 +3,9 @@
 Each ``check_*`` function calls the student's function or class on small, seeded examples and
 PRINTS one line per property — ``ok`` or ``FAIL`` — and, for each failure, what it most likely
 means and a hint. It returns a :class:`CheckResult`, which is truthy only when every property
-holds, so a grading cell can simply ``assert check_lora_layer(MyLoRALayer)``. A wrong answer
+holds, so a grading cell can ``assert result, result.diagnosis()`` (the diagnosis, what failed and
+the hints, travels in the assertion message: ``nbgrader validate`` shows tracebacks, not what a
+cell printed). A wrong answer
 never raises: exceptions raised by the student's code are caught and reported as failures.
 
 The checks draw their random numbers inside ``torch.random.fork_rng``, so calling one neither
@@ -20,12 +22,14 @@ The graders, by exercise:
 - :mod:`.lora_layer` and :mod:`.lora_linear` (notebook 02): ``check_lora_layer``,
   ``check_lora_linear``, on the checks of the two factors in :mod:`.factors`;
 - :mod:`.models` (notebook 02): ``check_model_lora_count``;
+- :mod:`.finetuning` (notebook 04): ``check_lora_optimizer``, ``check_merged_weight``;
 - :mod:`.conv1d` (notebook 08): ``check_conv1d_merge``;
 - :mod:`.variants` (notebook 07): ``check_dora_forward``, ``check_nf4_quantize``;
 - :mod:`.result`: :class:`CheckResult` and the seeded runner they all share.
 """
 
 from .conv1d import check_conv1d_merge
+from .finetuning import check_lora_optimizer, check_merged_weight
 from .lora_layer import check_lora_layer
 from .lora_linear import check_lora_linear
 from .low_rank import check_compression_ratio, check_parameter_count, check_truncated_svd
@@ -44,4 +48,6 @@ __all__ = [
     "check_conv1d_merge",
     "check_dora_forward",
     "check_nf4_quantize",
+    "check_lora_optimizer",
+    "check_merged_weight",
 ]

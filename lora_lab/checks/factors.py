@@ -65,7 +65,7 @@ def _diagnose_adapter(
     difference = (y - base - scaling * unscaled).abs().max().item() if y.shape == base.shape else float("nan")
     return (
         f"the output differs from (α/r)·x Aᵀ Bᵀ by up to {difference:.3g} for random A and B",
-        "compute (x @ self.lora_A.T) @ self.lora_B.T * self.scaling",
+        "the adapter is (α/r)·x Aᵀ Bᵀ: through A down to rank dimensions, through B back up, then scaled",
     )
 
 

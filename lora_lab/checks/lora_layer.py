@@ -31,7 +31,7 @@ from .factors import (
 )
 from .result import _SEED, CheckResult, _attempt, _describe_error, _name, _run_check, _shape_or_type, _title
 
-_FORWARD_HINT = "compute (x @ self.lora_A.T) @ self.lora_B.T * self.scaling"
+_FORWARD_HINT = "take x down to rank dimensions through A, back up through B (transposed as nn.Linear does), then scale"
 
 
 def check_lora_layer(
@@ -194,7 +194,7 @@ def _check_factorised(result: CheckResult, layer: nn.Module, x: torch.Tensor, d_
             f"forward costs {flops} FLOPs for {_TOKENS} tokens, more than the factorised 2·N·r·(in + out) = "
             f"{factorised}: it builds ΔW = B·A ({d_out}×{d_in}), and under autograd every backward then computes a "
             "full out×in weight gradient — the cost LoRA exists to avoid",
-            "compute (x @ self.lora_A.T) @ self.lora_B.T: two thin products, no out×in matrix",
+            "multiply x by one factor at a time (two thin products); never form B @ A",
         )
 
 

@@ -7,7 +7,8 @@ The wrapper is built as ``cls(linear, rank=rank, alpha=alpha)`` and keeps the co
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -35,12 +36,18 @@ def _seeded_linear(d_in: int, d_out: int, generator: torch.Generator) -> nn.Line
     return layer
 
 
+# The name under which the wrapper builds its adapter, as the course and notebook 02 write it.
+ADAPTER_NAME = "LoRALayer"
+
+
 def check_lora_linear(
     cls: Callable[..., nn.Module],
     in_features: int = _IN,
     out_features: int = _OUT,
     rank: int = _RANK,
     alpha: float = _ALPHA,
+    *,
+    layer_class: type[nn.Module] | None = None,
 ) -> CheckResult:
     """Check a wrapper built as ``cls(linear, rank=rank, alpha=alpha)`` with the course's
     attributes ``original_layer`` (the very layer passed in) and ``lora`` (holding ``lora_A``,
@@ -50,9 +57,37 @@ def check_lora_linear(
     exactly ``r·(in + out)`` parameters; at init the output equals the base layer's; with random
     A and B it equals ``base(x) + (α/r)·x Aᵀ Bᵀ`` (a missing base or adapter is named); 3-D
     inputs work; after backward only A and B have gradients.
+
+    ``layer_class`` (e.g. ``lora_lab.LoRALayer``): while the check runs, the name ``LoRALayer`` in
+    the namespace where ``cls`` was defined means ``layer_class``, so the wrapper is graded on a
+    correct adapter underneath and a mistake in the student's own ``LoRALayer`` (another exercise)
+    is not counted twice. Without it the wrapper is checked with whatever it builds.
     """
     title = _title("check_lora_linear", cls, repr(cls))
-    return _run_check(title, _check_lora_linear, cls, in_features, out_features, rank, alpha)
+    if layer_class is not None:
+        title = f"{title[:-1]}, on {getattr(layer_class, '__module__', '?')}.{_name(layer_class, 'layer_class')})"
+    with _adapter_bound_to(cls, layer_class):
+        return _run_check(title, _check_lora_linear, cls, in_features, out_features, rank, alpha)
+
+
+@contextmanager
+def _adapter_bound_to(cls: Callable[..., nn.Module], layer_class: type[nn.Module] | None) -> Iterator[None]:
+    """Bind ``ADAPTER_NAME`` to ``layer_class`` in the globals of ``cls.__init__`` (a notebook's
+    namespace, for a class defined there) and restore the old binding afterwards, even on errors."""
+    namespace = getattr(getattr(cls, "__init__", None), "__globals__", None)
+    if layer_class is None or not isinstance(namespace, dict):
+        yield
+        return
+    missing = object()
+    previous = namespace.get(ADAPTER_NAME, missing)
+    namespace[ADAPTER_NAME] = layer_class
+    try:
+        yield
+    finally:
+        if previous is missing:
+            namespace.pop(ADAPTER_NAME, None)
+        else:
+            namespace[ADAPTER_NAME] = previous
 
 
 def _check_lora_linear(
@@ -96,7 +131,7 @@ def _check_lora_linear(
         result.fail(
             f"the base layer is not frozen: original_layer.{' and original_layer.'.join(unfrozen)} still "
             "require grad, so the optimizer would train all of W (full fine-tuning, not LoRA)",
-            "for p in self.original_layer.parameters(): p.requires_grad = False",
+            "set requires_grad = False on every parameter of self.original_layer (and only there)",
         )
     else:
         result.ok("the base layer is frozen (requires_grad False for its weight and bias)")
@@ -152,7 +187,7 @@ def _check_linear_forward(
     except Exception as error:
         result.fail(
             f"forward on a ({_TOKENS}, {d_in}) input {_describe_error(error)}",
-            "return self.original_layer(x) + self.lora(x)",
+            "the output is the frozen layer's output plus the adapter's, both on the same x",
         )
         return
     if _close(y0, base_y, tol=1e-6):
@@ -160,7 +195,7 @@ def _check_linear_forward(
     else:
         result.fail(
             "at init the output differs from the base layer's, although B = 0 should make ΔW = 0",
-            "return self.original_layer(x) + self.lora(x), and start lora_B at zero",
+            "at init only the frozen layer may contribute: is lora_B zero, and is the base output passed on unchanged?",
         )
 
     _randomise([A, B], generator)
@@ -170,12 +205,12 @@ def _check_linear_forward(
     if _close(y, base_y, tol=1e-6):
         result.fail(
             "with random A and B the output still equals the base layer's: the adapter never runs",
-            "return self.original_layer(x) + self.lora(x)",
+            "the output must include the adapter's branch (self.lora) as well as the frozen layer's",
         )
     elif _close(y, adapter):
         result.fail(
             "the output is the adapter's alone: the frozen base layer's output is missing",
-            "return self.original_layer(x) + self.lora(x): LoRA adds ΔW x to W x",
+            "LoRA adds ΔW x to W x: the frozen layer's output is part of the result",
         )
     else:
         diagnosis = _diagnose_adapter(y, x, A.detach(), B.detach(), rank, alpha, base_y)

@@ -37,17 +37,17 @@ def _svd_candidates(M: torch.Tensor, r: int) -> list[tuple[torch.Tensor, str, st
         (
             U[:, :r] @ Vh[:r],
             "the singular values are missing: U_r V_rᵀ without Σ_r",
-            "multiply by the singular values: U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]",
+            "M_r = U_r Σ_r V_rᵀ: the r singular values belong between the two factors (torch.diag, or broadcasting)",
         ),
         (
             U[:, -r:] * S[-r:] @ Vh[-r:],
             "it keeps the r SMALLEST singular values",
-            "torch.linalg.svd returns them in descending order: keep the first r (U[:, :r], S[:r], Vh[:r])",
+            "torch.linalg.svd returns them in descending order: which end of U, S and Vh holds the largest ones?",
         ),
         (
             U[:, :r] * S[:r] @ Vh[:, :r].T if Vh.shape[1] >= r else M,
             "it takes columns of Vh instead of rows",
-            "torch.linalg.svd returns Vh = Vᵀ: its ROWS are the right singular vectors, so take Vh[:r]",
+            "torch.linalg.svd returns Vh = Vᵀ, not V: are the right singular vectors its rows or its columns?",
         ),
     ]
 
@@ -72,7 +72,7 @@ def _truncated_svd_case(
     if error is not None:
         result.fail(
             f"fn(M, {r}) for a {shape} matrix {error}",
-            "U, S, Vh = torch.linalg.svd(M, full_matrices=False); return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]",
+            "torch.linalg.svd(M, full_matrices=False) gives U, S, Vh; build M_r from the first r of each",
         )
         return False
     approx = _as_tensor(value)
@@ -80,8 +80,8 @@ def _truncated_svd_case(
         got = tuple(approx.shape) if approx is not None else type(value).__name__
         result.fail(
             f"fn(M, {r}) for a {shape} matrix returned {got}, expected a {shape} tensor",
-            "return the approximation itself (same shape as M), not its factors; Vh's ROWS are the right "
-            "singular vectors (Vh[:r])",
+            "return the approximation itself (same shape as M), not its factors; Vh holds the right singular "
+            "vectors as rows",
         )
         return False
     if not torch.equal(given, M):
@@ -93,7 +93,7 @@ def _truncated_svd_case(
         off = {r + 1: " (one too many: keep indices 0..r-1, i.e. [:r])", r - 1: " (one too few)"}.get(got, "")
         result.fail(
             f"fn(M, {r}) for a {shape} matrix has rank {got}, expected {r}{off}",
-            "keep exactly r singular triplets: U[:, :r], S[:r], Vh[:r]",
+            "keep exactly r singular triplets (σ_i with its column of U and its row of Vh); count your slices",
         )
         return False
     S = torch.linalg.svdvals(M)
@@ -108,7 +108,7 @@ def _truncated_svd_case(
     result.fail(
         f"fn(M, {r}) has ‖M − M_r‖_F² = {error.item():.4g}, but the best rank-{r} approximation "
         f"has Σ_{{i>r}} σ_i² = {best.item():.4g} (Eckart–Young)",
-        "keep the r LARGEST singular values and their vectors: U[:, :r] @ diag(S[:r]) @ Vh[:r]",
+        "Eckart–Young: keep the r LARGEST singular values, each with its own pair of singular vectors",
     )
     return False
 
@@ -194,7 +194,7 @@ _COMPRESSION_RATIO = _Formula(
     mistake=_ratio_mistake,
     shown=_fmt,
     error_hint="divide the full count d·k by LoRA's r·(d + k)",
-    hint="full fine-tuning trains d·k parameters, LoRA r·(d + k): return d * k / (r * (d + k))",
+    hint="full fine-tuning trains d·k parameters and LoRA r·(d + k): which divided by which?",
 )
 
 

@@ -7,6 +7,8 @@ report. The helpers word the student's errors and compare numbers the same way i
 
 from __future__ import annotations
 
+import functools
+import textwrap
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 _SEED = 0
+DIAGNOSIS_WIDTH = 80  # nbgrader validate shows a traceback's lines cut at about 90 characters, indented by 4
 
 # Both the error's description and CheckResult.fail look for it, so the stub is named the same way
 # wherever the student's code raised.
@@ -66,6 +69,21 @@ class CheckResult:
                 lines += [f"  FAIL  {message}", f"        hint: {hint}"]
         failed, passed = len(self.failed), len(self.passed)
         lines.append(f"{failed} failed, {passed} passed." if failed else f"All {passed} passed.")
+        return "\n".join(lines)
+
+    def diagnosis(self) -> str:
+        """What failed, each with its hint, in one text: the message for ``assert result, result.diagnosis()``.
+
+        ``nbgrader validate`` shows a failing test's traceback but not what the cell printed, so the
+        diagnosis must travel in the assertion message itself; it cuts lines at about 90 characters,
+        so long ones are wrapped at :data:`DIAGNOSIS_WIDTH`."""
+        if not self.entries:
+            return f"{self.name}: nothing was checked"
+        lines = [f"{self.name}: {len(self.failed)} of {len(self.entries)} properties fail"]
+        wrap = functools.partial(textwrap.fill, width=DIAGNOSIS_WIDTH)
+        for problem, hint in self.failed:
+            lines.append(wrap(problem, initial_indent="  FAIL  ", subsequent_indent=" " * 8))
+            lines.append(wrap(hint, initial_indent="        hint: ", subsequent_indent=" " * 14))
         return "\n".join(lines)
 
     def __repr__(self) -> str:

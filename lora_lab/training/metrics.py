@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..seeding import derived_seed
 
@@ -89,6 +90,7 @@ def generate_samples(
     seed: int = 0,
     device: torch.device | str = "cpu",
     domain: str | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """One continuation per prompt (prompt included), reproducible from ``seed``: prompt
     ``i`` is sampled with seed ``seed + i`` so adding a prompt does not change the others.
@@ -96,9 +98,10 @@ def generate_samples(
     Given a ``domain`` (a label such as ``"source"``), prompt ``i`` is sampled with
     :func:`lora_lab.seeding.derived_seed` ``(seed, domain, i)`` instead, so that the prompts of
     two domains sampled with one ``seed`` draw different random numbers (with ``seed + i`` the
-    i-th prompt of each list would share them, and two lists of equal prompts give equal text)."""
+    i-th prompt of each list would share them, and two lists of equal prompts give equal text).
+    ``progress=True`` shows a bar over the prompts (gone when done), for long generations."""
     samples = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(tqdm(prompts, desc="sampling", unit="prompt", disable=not progress, leave=False)):
         idx = tokenizer.encode(prompt)[None, :].to(device)
         prompt_seed = seed + i if domain is None else derived_seed(seed, domain, i)
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, seed=prompt_seed)
