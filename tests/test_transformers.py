@@ -257,11 +257,11 @@ BAD_OPTIONS = {
     "both spellings": ({"rank": 8, "r": 8}, ValueError, "both rank= and PEFT's r="),
     "dropout twice": ({"dropout": 0.1, "lora_dropout": 0.1}, ValueError, "both dropout="),
     "init False": ({"init_lora_weights": False}, ValueError, "init_lora_weights=False is not implemented"),
-    "pissa": ({"init_lora_weights": "pissa"}, ValueError, "init_lora_weights='pissa'"),
+    "pissa rank": ({"init_lora_weights": "pissa", "r": 10_000}, ValueError, "PiSSA takes the top-r singular"),
     "bias": ({"bias": "some"}, ValueError, "bias must be one of"),
     "fan_in_fan_out": ({"fan_in_fan_out": "yes"}, ValueError, "fan_in_fan_out must be True or False"),
     "unknown": ({"lora_rank": 8}, TypeError, "lora_rank"),
-    "dora": ({"rank": LoraConfig(target_modules=["q_proj"], use_dora=True)}, ValueError, "use_dora=True"),
+    "dora flag": ({"use_dora": "yes"}, TypeError, "use_dora must be True or False"),
     "patterns": ({"rank": LoraConfig(target_modules=["q_proj"], rank_pattern={"q_proj": 2})}, ValueError,
                  "rank_pattern"),
     "no targets": ({"rank": LoraConfig()}, ValueError, "name the layers"),
@@ -283,6 +283,28 @@ def test_bad_options_are_clear_errors_that_change_nothing(case: str) -> None:
     assert not lora_modules(model) and type(model) is transformers.LlamaForCausalLM
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
     assert flags == {name: param.requires_grad for name, param in model.named_parameters()}
+
+
+def test_peft_names_of_the_variants_build_them() -> None:
+    from lora_lab.lora import DoRALinear
+
+    model = _build("llama")
+    dora = apply_lora_to_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True))
+    assert {type(m) for m in lora_modules(dora).values()} == {DoRALinear}
+    pissa = apply_lora_to_model(model, r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="pissa")
+    assert {m.lora.init for m in lora_modules(pissa).values()} == {"pissa"}
+    x = _tokens()
+    torch.testing.assert_close(_logits(pissa, x), _logits(model, x), rtol=0, atol=1e-4)  # PiSSA starts at the base
+
+
+@pytest.mark.parametrize("options", [{"use_dora": True}, {"init": "pissa"}], ids=["dora", "pissa"])
+def test_dora_and_pissa_refuse_conv1d_layers_and_change_nothing(options: dict) -> None:
+    model = _build("gpt2")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match="built here for nn.Linear layers.*Conv1D"):
+        apply_lora_to_model(model, r=2, target_modules="all-linear", inplace=True, **options)
+    assert not lora_modules(model)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
 def test_inplace_adapts_the_model_itself_without_a_copy() -> None:

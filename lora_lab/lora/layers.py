@@ -202,7 +202,7 @@ class LoRALinear(nn.Module):
             raise RuntimeError("this LoRALinear is already merged; call unmerge() before merging again")
         if self.disabled:
             raise RuntimeError("cannot merge inside disable_lora(): the adapter is switched off; merge after the block")
-        if not isinstance(self.original_layer, nn.Linear):
+        if not isinstance(self.original_layer.weight, nn.Parameter):  # an NF4 base computes its weight on read
             raise RuntimeError(
                 f"cannot merge in place into a {type(self.original_layer).__name__} base (a quantised weight cannot "
                 "hold W + ΔW); use lora_lab.merge_lora(model) for a full-precision merged copy"
