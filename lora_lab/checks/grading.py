@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from . import finetuning, lora_layer, lora_linear, low_rank, models
+from . import conv1d, finetuning, lora_layer, lora_linear, low_rank, models, variants
 
 __all__ = ["grade"]
 
@@ -22,6 +22,9 @@ _GRADERS = {
     "check_model_lora_count": models.check_model_lora_count,
     "check_lora_optimizer": finetuning.check_lora_optimizer,
     "check_merged_weight": finetuning.check_merged_weight,
+    "check_dora_forward": variants.check_dora_forward,
+    "check_nf4_quantize": variants.check_nf4_quantize,
+    "check_conv1d_merge": conv1d.check_conv1d_merge,
 }
 
 
