@@ -44,6 +44,7 @@ from pathlib import Path
 
 try:
     from lora_lab.experiment.results import ResultsError, RunResults
+    from lora_lab.experiment.variants import VariantsResults
     from lora_lab.files import atomic_path
 except ImportError as error:  # e.g. run with a Python that lacks the project's environment
     raise SystemExit(
@@ -58,6 +59,8 @@ DEFAULT_OUT = REPO_ROOT / "comentario_LoRA.pdf"
 
 #: The Typst sources, relative to ``paper/``, staged for every build.
 SOURCES = ("main.typ", "lib.typ", "refs.yml", "chapters")
+# `lora-lab variants --seeds 3 --epochs 5` writes it; notebook 07 reads the same file.
+DEFAULT_VARIANTS = PAPER_DIR / "variants.json"
 RESULTS = "results.json"
 SWEEP = "sweep.json"
 #: The benchmark suite's results, as the snapshot names them.
@@ -150,6 +153,16 @@ def validate_sweep(sweep: object, where: str = SWEEP) -> None:
     ranks = [run.get("rank") for run in runs if isinstance(run, dict)]
     if len(set(map(repr, ranks))) != len(ranks):
         problems.append("each rank may appear only once")
+    spectrum = sweep.get("spectrum")
+    if spectrum is not None:
+        layers = spectrum.get("by_layer_type") if isinstance(spectrum, dict) else None
+        if not (isinstance(spectrum, dict) and _is_count(spectrum.get("rank")) and isinstance(layers, dict) and layers):
+            problems.append('spectrum must be {"rank": int, "by_layer_type": {layer type: {...}}}')
+        else:
+            for kind, row in layers.items():
+                share = row.get("full_energy_top_r") if isinstance(row, dict) else None
+                if not (_is_number(share) and 0 <= share <= 1 + 1e-9):
+                    problems.append(f"spectrum.by_layer_type.{kind}.full_energy_top_r must be a share in [0, 1]")
     if problems:
         raise BuildError(f"{where} is malformed:\n  - " + "\n  - ".join(problems))
 
@@ -282,6 +295,17 @@ def _default_date() -> str:
     epoch = _source_date_epoch()
     day = dt.datetime.fromtimestamp(epoch, dt.timezone.utc).date() if epoch is not None else dt.date.today()
     return f"{day.day} {day:%B %Y}"
+
+
+def _check_variants(path: Path) -> Path:
+    """The variants table, read with lora_lab's own reader (a clear error names what is wrong)."""
+    if not path.is_file():
+        raise BuildError(f"{path} does not exist: run `lora-lab variants --seeds 3 --epochs 5 --out {path}`")
+    try:
+        VariantsResults.from_json(path.read_text(encoding="utf-8"), where=str(path))
+    except (ValueError, KeyError, TypeError) as error:
+        raise BuildError(f"{path} is not a variants table: {error}") from None
+    return path.resolve()
 
 
 def _stage(files: dict[str, Path], stage: Path) -> None:
@@ -425,6 +449,7 @@ def build(
     out: str | os.PathLike = DEFAULT_OUT,
     date: str | None = None,
     bench: str | os.PathLike | None = AUTO,
+    variants: str | os.PathLike = DEFAULT_VARIANTS,
 ) -> Path:
     """Build the PDF; return its path.
 
@@ -439,8 +464,10 @@ def build(
             else the snapshot's ``bench.json``; without, the snapshot's ``bench.json``. A path:
             that file (without ``run_dir`` it then replaces the snapshot's ``bench.json``).
             None: no benchmark figures; the text says how to produce them.
+        variants: the variants table (``lora-lab variants``'s JSON, ``paper/variants.json``).
     """
     data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
+    variants_path = _check_variants(Path(variants))
     if run_dir is not None:
         files = _collect(Path(run_dir).resolve(), "the run directory")
     elif (data_dir / RESULTS).is_file():
@@ -468,6 +495,7 @@ def build(
             stage = Path(tmp) / "paper"
             stage.mkdir()
             _stage(files, stage)
+            shutil.copy2(variants_path, stage / "variants.json")
             pdf = _compile(stage, date or _default_date())
     except OSError as error:  # e.g. a file of the run that cannot be read, or a full temporary folder
         raise BuildError(

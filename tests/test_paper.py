@@ -36,6 +36,7 @@ SECTIONS = (
     "Initialisation and scaling",
     "Cost analysis",
     "The experiment",
+    "The LoRA family, measured",
     "Where it stops",
     "Limitations",
     "Appendix: the CPU benchmarks in detail",
@@ -773,3 +774,54 @@ def test_a_single_seed_decides_no_comparison(built):
     flat = " ".join(built["text"].split())
     assert "With a single seed there is no spread to judge this difference by" in flat
     assert "forgot less, as" not in flat and "One run, one seed." in flat
+
+
+# --- the variants chapter (paper/variants.json) and the spectrum's numbers (sweep.json) ------------
+
+
+def _variants() -> dict:
+    return json.loads((REPO / "paper" / "variants.json").read_text(encoding="utf-8"))
+
+
+def _build_with(tmp_path: Path, variants: dict | None = None, sweep: dict | None = None) -> str:
+    run = _copy_fixture(tmp_path / "run")
+    if sweep is not None:
+        (run / "sweep.json").write_text(json.dumps(sweep), encoding="utf-8")
+    path = tmp_path / "variants.json"
+    path.write_text(json.dumps(variants if variants is not None else _variants()), encoding="utf-8")
+    out = paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "out.pdf", bench=None, variants=path)
+    return _squash(_text(out))
+
+
+def test_the_variants_reading_follows_the_seed_ranges_in_variants_json(tmp_path):
+    variants = _variants()
+    by_name = {v["name"]: v for v in variants["variants"]}
+    lora_low = min(run["target_ppl"] for run in by_name["lora"]["runs"])
+    text = _build_with(tmp_path / "as_committed", variants)
+    dora_ends_above = all(run["target_ppl"] > max(r["target_ppl"] for r in by_name["lora"]["runs"])
+                          for run in by_name["dora"]["runs"])  # fmt: skip
+    assert ("endaboveitoneveryseed" in text or "endsaboveitoneveryseed" in text) == dora_ends_above
+    for run in by_name["dora"]["runs"]:  # DoRA now below LoRA on every seed: the sentence must move it
+        run["target_ppl"] = lora_low - 0.01
+    moved = _build_with(tmp_path / "dora_better", variants)
+    below = moved.split("belowLoRAonthetargetoneveryseed")[0].rsplit(".", 1)[-1]
+    assert "DoRA" in below, below
+
+
+def test_a_malformed_variants_table_is_a_clear_error(tmp_path):
+    broken = _variants()
+    del broken["variants"][0]["runs"]
+    with pytest.raises(paper_build.BuildError, match="is not a variants table"):
+        _build_with(tmp_path, broken)
+    assert not (tmp_path / "out.pdf").exists()
+
+
+def test_the_spectrum_is_read_in_numbers_when_sweep_json_holds_them(tmp_path):
+    sweep = json.loads((FIXTURE / "sweep.json").read_text(encoding="utf-8"))
+    sweep["spectrum"] = {"rank": 16, "by_layer_type": {
+        "attn.q": {"full_energy_top_r": 0.70, "full_k90": 30.0, "lora_k90": 9.0, "lora_k99": 13.0},
+        "mlp.up": {"full_energy_top_r": 0.62, "full_k90": 35.0, "lora_k90": 11.0, "lora_k99": 14.0},
+    }}  # fmt: skip
+    text = _build_with(tmp_path, sweep=sweep)
+    assert "beyonditstop16directionslies30%–38%ofitsenergy" in text
+    assert "9.0–11.0directionshold90%" in text

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -208,3 +208,31 @@ def random_subspace_similarity(k: int, i: int, j: int) -> float:
     if max(i, j) > k:
         raise ValueError(f"subspaces of R^{k} have at most {k} dimensions, got i={i}, j={j}")
     return max(i, j) / k
+
+
+# --- the spectrum in numbers (what the PDF reads next to its figure) -----------------------------
+
+
+def spectrum_summary(
+    full_deltas: Mapping[str, torch.Tensor], lora_deltas: Mapping[str, torch.Tensor], rank: int
+) -> dict[str, dict[str, float]]:
+    """Per layer type (:func:`layer_type`), averaged over the blocks: the share of full
+    fine-tuning's ``‖ΔW‖_F²`` that its top ``rank`` directions hold (``full_energy_top_r``: what
+    the best rank-r matrix keeps), and the number of directions that hold 90% and 99% of each
+    update's energy (``full_k90``, ``lora_k90``, ``lora_k99``): LoRA's own update uses at most
+    ``rank`` of them by construction, and fewer when it saturates."""
+    check_positive_int("rank", rank)
+    summary: dict[str, dict[str, float]] = {}
+    kinds = sorted({layer_type(name) for name in full_deltas})
+    for kind in kinds:
+        full = [singular_values(d) for n, d in full_deltas.items() if layer_type(n) == kind]
+        lora = [singular_values(d) for n, d in lora_deltas.items() if layer_type(n) == kind]
+        row = {
+            "full_energy_top_r": sum(energy_captured(s, rank) for s in full) / len(full),
+            "full_k90": sum(effective_rank(s, 0.9) for s in full) / len(full),
+        }
+        if lora:
+            row["lora_k90"] = sum(effective_rank(s, 0.9) for s in lora) / len(lora)
+            row["lora_k99"] = sum(effective_rank(s, 0.99) for s in lora) / len(lora)
+        summary[kind] = row
+    return summary

@@ -32,7 +32,7 @@ from ..training import perplexity
 from ..validation import check_positive_int, check_positive_real
 from ._entries import ModelEntry
 from .figures import plot_rank_sweep, plot_spectrum
-from .low_rank import delta_weights
+from .low_rank import delta_weights, spectrum_summary
 
 __all__ = [
     "SWEEP_EPOCHS",
@@ -310,19 +310,25 @@ def write_sweep_outputs(
     lora_deltas: Mapping[str, torch.Tensor] | None = None,
     reference: Mapping[str, ModelEntry] | None = None,
     floors: Mapping[str, float] | None = None,
+    lora_rank: int | None = None,
 ) -> dict[str, Path]:
     """Write the rank sweep into ``run_dir`` for ``paper/build.py``: ``sweep.json``
     (``{"runs": [{"rank", "alpha", "scaling", "lr", "epochs", "use_rslora", "trainable_params",
     "target_ppl", "source_ppl"}, ...]}``, sorted by rank), ``rank_sweep.png`` and, given
     ``full_deltas``, ``spectrum.png``. ``reference`` is the run's measured models
-    (``RunResults.models``, or ``results.json``'s ``models``).
+    (``RunResults.models``, or ``results.json``'s ``models``). Given ``full_deltas``,
+    ``lora_deltas`` and the LoRA run's ``lora_rank`` too, ``sweep.json`` also holds
+    ``"spectrum": {"rank": r, "by_layer_type": ...}`` (:func:`~lora_lab.analysis.low_rank.spectrum_summary`),
+    the figure's numbers.
 
     Everything is checked and rendered in memory first and each file is then written atomically,
     so bad input leaves the folder unchanged. Returns the written paths by file name.
     """
     _check_runs(runs)
     ordered = sorted(runs, key=lambda run: run["rank"])
-    sweep = {"runs": [{key: run[key] for key in _SWEEP_KEYS if key in run} for run in ordered]}
+    sweep: dict[str, object] = {"runs": [{key: run[key] for key in _SWEEP_KEYS if key in run} for run in ordered]}
+    if full_deltas and lora_deltas and lora_rank:
+        sweep["spectrum"] = {"rank": lora_rank, "by_layer_type": spectrum_summary(full_deltas, lora_deltas, lora_rank)}
     text = json_text(sweep)
     files = {"rank_sweep.png": _png(plot_rank_sweep(ordered, reference, floors))}
     if full_deltas:
@@ -357,4 +363,5 @@ def analyse_run(
         lora_deltas=delta_weights(base.model, lora.model),
         reference=reference,
         floors=entropy_floors(exp),
+        lora_rank=exp.profile.recipe(TUNED_RECIPE).rank,
     )

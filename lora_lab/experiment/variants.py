@@ -183,9 +183,11 @@ class VariantSummary:
         return statistics.fmean(self._values(metric))
 
     def spread(self, metric: str) -> float:
-        """Sample standard deviation over the seeds (0 for one seed)."""
+        """The largest distance of a seed's value from the mean (0 for one seed): the "± d" that
+        results.json's tables and the PDF quote, so the two tables read alike."""
         values = self._values(metric)
-        return statistics.stdev(values) if len(values) > 1 else 0.0
+        mean = statistics.fmean(values)
+        return max(abs(value - mean) for value in values)
 
     def span(self, metric: str) -> tuple[float, float]:
         values = self._values(metric)

@@ -15,7 +15,7 @@ def _step_ratio(ratio: list[float]) -> str:
 
 
 def format_variants(results: VariantsResults) -> str:
-    """One Markdown table: target perplexity mean ± sample std over the seeds, its distance to the
+    """One Markdown table: target perplexity mean ± the largest distance of a seed from it, its distance to the
     floor in nats per character, forgetting (source perplexity), validity, sizes, step time."""
     floors = results.floors
     lines = [
