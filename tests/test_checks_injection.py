@@ -270,7 +270,10 @@ MERGE_MISTAKES = {
 }
 
 
-@pytest.mark.parametrize(("merge", "unmerge"), [(merge_right, unmerge_right), (merge_new_parameter, unmerge_new_parameter)])
+RIGHT_MERGES = [(merge_right, unmerge_right), (merge_new_parameter, unmerge_new_parameter)]
+
+
+@pytest.mark.parametrize(("merge", "unmerge"), RIGHT_MERGES)
 def test_merge_right_answers_pass(merge, unmerge, capsys: pytest.CaptureFixture[str]) -> None:
     state = torch.random.get_rng_state()
     result = check_merge_unmerge(merge, unmerge)
