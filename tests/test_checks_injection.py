@@ -16,12 +16,16 @@ from lora_lab.checks.grading import grade
 LoRALinear = lora_lab.LoRALinear  # the name the student's functions below build their wrappers by
 
 
-def apply_right(model, rank=4, alpha=1.0):
-    model = copy.deepcopy(model)
-    _wrap(model, rank, alpha)
+def _only_factors_train(model):
     for name, param in model.named_parameters():
         param.requires_grad = name.endswith(("lora_A", "lora_B"))
     return model
+
+
+def apply_right(model, rank=4, alpha=1.0):
+    model = copy.deepcopy(model)
+    _wrap(model, rank, alpha)
+    return _only_factors_train(model)
 
 
 def _wrap(module, rank, alpha):
@@ -49,9 +53,7 @@ def apply_by_names(model, rank=4, alpha=1.0):
 
 def apply_no_copy(model, rank=4, alpha=1.0):
     _wrap(model, rank, alpha)
-    for name, param in model.named_parameters():
-        param.requires_grad = name.endswith(("lora_A", "lora_B"))
-    return model
+    return _only_factors_train(model)
 
 
 def apply_shallow_copy(model, rank=4, alpha=1.0):
@@ -63,9 +65,7 @@ def apply_top_level(model, rank=4, alpha=1.0):
     for name, child in model.named_children():
         if isinstance(child, nn.Linear):
             setattr(model, name, LoRALinear(child, rank=rank, alpha=alpha))
-    for name, param in model.named_parameters():
-        param.requires_grad = name.endswith(("lora_A", "lora_B"))
-    return model
+    return _only_factors_train(model)
 
 
 def apply_seed(model, rank=4, alpha=1.0):
@@ -76,17 +76,11 @@ def apply_seed(model, rank=4, alpha=1.0):
             setattr(model, name, LoRALinear(child, rank=rank, alpha=alpha))
         else:
             setattr(model, name, apply_seed(child, rank=rank, alpha=alpha))
-    for name, param in model.named_parameters():
-        param.requires_grad = name.endswith(("lora_A", "lora_B"))
-    return model
+    return _only_factors_train(model)
 
 
 def apply_recursing_after_replacing(model, rank=4, alpha=1.0):
-    model = copy.deepcopy(model)
-    _replace_then_recurse(model, rank, alpha)
-    for name, param in model.named_parameters():
-        param.requires_grad = name.endswith(("lora_A", "lora_B"))
-    return model
+    return _only_factors_train(_replace_then_recurse(copy.deepcopy(model), rank, alpha))
 
 
 def _replace_then_recurse(module, rank, alpha):
@@ -95,6 +89,7 @@ def _replace_then_recurse(module, rank, alpha):
             setattr(module, name, LoRALinear(child, rank=rank, alpha=alpha))
     for child in module.children():  # now includes the new wrappers: their original_layer gets wrapped too
         _replace_then_recurse(child, rank, alpha)
+    return module
 
 
 def apply_no_freeze(model, rank=4, alpha=1.0):
