@@ -147,6 +147,16 @@ def test_apply_each_mistake_is_named(case: str) -> None:
         grade("check_apply_lora", fn)
 
 
+def apply_by_the_library(model, rank=4, alpha=1.0):
+    return lora_lab.apply_lora_to_model(model, rank=rank, alpha=alpha)
+
+
+def test_calling_the_library_is_not_the_exercise() -> None:
+    assert check_apply_lora(apply_by_the_library)  # without layer_class: any wrapper with the course's attributes
+    result = check_apply_lora(apply_by_the_library, layer_class=lora_lab.LoRALinear)
+    assert not result and "FusedLoRALinear" in result.failed[0][0] and "skips the exercise" in result.failed[0][1]
+
+
 def test_layer_class_grades_on_the_reference_wrapper_and_restores_the_name() -> None:
     global LoRALinear
 

@@ -96,10 +96,17 @@ def check_apply_lora(
     if layer_class is not None:
         title = f"{title[:-1]}, on {getattr(layer_class, '__module__', '?')}.{_name(layer_class, 'layer_class')})"
     with _global_bound(getattr(fn, "__globals__", None), WRAPPER_NAME, layer_class):
-        return _run_check(title, _check_apply_lora, fn, rank, alpha)
+        return _run_check(title, _check_apply_lora, fn, rank, alpha, layer_class)
 
 
-def _check_apply_lora(result: CheckResult, fn: Callable, rank: int, alpha: float, generator: torch.Generator) -> None:
+def _check_apply_lora(
+    result: CheckResult,
+    fn: Callable,
+    rank: int,
+    alpha: float,
+    layer_class: type[nn.Module] | None,
+    generator: torch.Generator,
+) -> None:
     model = _TinyLM()
     fingerprint = _fingerprint(model)
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -122,7 +129,7 @@ def _check_apply_lora(result: CheckResult, fn: Callable, rank: int, alpha: float
         return
     if not _returned_a_copy(result, model, adapted, fingerprint):
         return
-    if not _wrapped_everywhere(result, adapted, linears, rank, alpha):
+    if not _wrapped_everywhere(result, adapted, linears, rank, alpha, layer_class):
         return
     _only_factors_train(result, adapted)
     try:
@@ -175,7 +182,14 @@ def _returned_a_copy(result: CheckResult, model: nn.Module, adapted: object, fin
     return True
 
 
-def _wrapped_everywhere(result: CheckResult, adapted: nn.Module, linears: list[str], rank: int, alpha: float) -> bool:
+def _wrapped_everywhere(
+    result: CheckResult,
+    adapted: nn.Module,
+    linears: list[str],
+    rank: int,
+    alpha: float,
+    layer_class: type[nn.Module] | None,
+) -> bool:
     found = {}
     for name in linears:
         try:
@@ -190,6 +204,16 @@ def _wrapped_everywhere(result: CheckResult, adapted: nn.Module, linears: list[s
             "recurse into every child that is not an nn.Linear: layers sit inside blocks and nn.Sequential"
             if nested
             else f"replace each nn.Linear by {WRAPPER_NAME}(layer, rank=rank, alpha=alpha)",
+        )
+        return False
+    foreign = sorted(
+        {type(m).__name__ for m in found.values() if layer_class is not None and type(m) is not layer_class}
+    )
+    if foreign:
+        result.fail(
+            f"the layers are wrapped in {', '.join(foreign)}, not in {WRAPPER_NAME}: fn did not build the wrappers",
+            f"build each wrapper yourself with {WRAPPER_NAME}(layer, rank=rank, alpha=alpha); calling lora_lab's "
+            "apply_lora_to_model skips the exercise",
         )
         return False
     nested = [name for name, m in found.items() if _is_wrapper(m.original_layer)]
