@@ -618,5 +618,5 @@ def test_grade_raises_the_diagnosis_and_prints_nothing(capsys) -> None:
     with pytest.raises(AssertionError, match=r"(?s)frozen\s+parameters.*hint: "):
         grade("check_lora_optimizer", lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr))
     assert capsys.readouterr().out == ""
-    with pytest.raises(KeyError, match="known: check_compression_ratio"):
+    with pytest.raises(KeyError, match="known: check_apply_lora, check_compression_ratio"):
         grade("check_nothing", None)

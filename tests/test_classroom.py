@@ -30,9 +30,13 @@ nbgrader_api = pytest.importorskip("nbgrader.api", reason="nbgrader is a test de
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ASSIGNMENTS = {"01_low_rank_math": 2, "02_lora_layer": 3, "04_lora_finetuning": 2}  # points each
+ASSIGNMENTS = {"01_low_rank_math": 2, "02_lora_layer": 5, "04_lora_finetuning": 2}  # points each
 LAYER_SOLUTION = "ex02_1_layer"
 LAYER_TEST = "ex02_1_layer_test"
+APPLY_SOLUTION = "ex02_4_apply"
+# Exercise 02.4's typical mistake (the original adapted in place), with a phrase its feedback must show.
+APPLY_MISTAKE = ("adapted = copy.deepcopy(model)", "adapted = model", "fn returned the model it was given")
+TESTS_02 = ("ex02_1_layer_test", "ex02_2_linear_test", "ex02_3_count_test", "ex02_4_apply_test", "ex02_5_merge_test")
 
 # Exercise 02.1's typical mistakes, as edits of the solution's code; each with a phrase its feedback must show.
 MISTAKES = {
@@ -123,6 +127,10 @@ def course(tmp_path_factory: pytest.TempPathFactory) -> Path:
             wrong = wrong.replace(old, new)
         _submit(course, student, "02_lora_layer", _filled(release, teacher, **{LAYER_SOLUTION: wrong}))
     _submit(course, "rebound", "02_lora_layer", _filled(release, teacher, **{LAYER_SOLUTION: REBOUND}))
+    apply = _without_markers(next(c.source for c in teacher.cells if _grade_id(c) == APPLY_SOLUTION))
+    assert APPLY_MISTAKE[0] in apply, f"the solution of {APPLY_SOLUTION} no longer contains {APPLY_MISTAKE[0]!r}"
+    wrong_apply = apply.replace(APPLY_MISTAKE[0], APPLY_MISTAKE[1])
+    _submit(course, "no_deepcopy", "02_lora_layer", _filled(release, teacher, **{APPLY_SOLUTION: wrong_apply}))
     for assignment in ASSIGNMENTS:
         _nbgrader(course, "autograde", assignment, "--force")
         _nbgrader(course, "generate_feedback", assignment, "--force")
@@ -166,8 +174,16 @@ def test_solutions_score_full_marks_and_the_release_zero(course, assignment):
 @pytest.mark.parametrize("student", [*MISTAKES, "rebound"])
 def test_a_mistake_in_the_layer_costs_that_exercise_only(course, student):
     score, max_score, per_cell = _scores(course, "02_lora_layer", student)
-    assert per_cell == {LAYER_TEST: 0, "ex02_2_linear_test": 1, "ex02_3_count_test": 1}, per_cell
-    assert (score, max_score) == (2, 3)
+    assert per_cell == {test: int(test != LAYER_TEST) for test in TESTS_02}, per_cell
+    assert (score, max_score) == (4, 5)
+
+
+def test_a_mistake_in_apply_costs_that_exercise_only_and_is_diagnosed(course):
+    score, max_score, per_cell = _scores(course, "02_lora_layer", "no_deepcopy")
+    assert per_cell == {test: int(test != "ex02_4_apply_test") for test in TESTS_02}, per_cell
+    assert (score, max_score) == (4, 5)
+    feedback = _feedback(course, "no_deepcopy", "02_lora_layer")
+    assert APPLY_MISTAKE[2] in feedback and "hint: " in feedback
 
 
 @pytest.mark.parametrize("student", list(MISTAKES))

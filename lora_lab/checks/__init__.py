@@ -22,6 +22,7 @@ The graders, by exercise:
 - :mod:`.lora_layer` and :mod:`.lora_linear` (notebook 02): ``check_lora_layer``,
   ``check_lora_linear``, on the checks of the two factors in :mod:`.factors`;
 - :mod:`.models` (notebook 02): ``check_model_lora_count``;
+- :mod:`.injection` and :mod:`.merging` (notebook 02): ``check_apply_lora``, ``check_merge_unmerge``;
 - :mod:`.finetuning` (notebook 04): ``check_lora_optimizer``, ``check_merged_weight``;
 - :mod:`.conv1d` (notebook 08): ``check_conv1d_merge``;
 - :mod:`.variants` (notebook 07): ``check_dora_forward``, ``check_nf4_quantize``;
@@ -30,9 +31,11 @@ The graders, by exercise:
 
 from .conv1d import check_conv1d_merge
 from .finetuning import check_lora_optimizer, check_merged_weight
+from .injection import check_apply_lora
 from .lora_layer import check_lora_layer
 from .lora_linear import check_lora_linear
 from .low_rank import check_compression_ratio, check_parameter_count, check_truncated_svd
+from .merging import check_merge_unmerge
 from .models import check_model_lora_count
 from .result import CheckResult
 from .variants import check_dora_forward, check_nf4_quantize
@@ -45,6 +48,8 @@ __all__ = [
     "check_parameter_count",
     "check_compression_ratio",
     "check_model_lora_count",
+    "check_apply_lora",
+    "check_merge_unmerge",
     "check_conv1d_merge",
     "check_dora_forward",
     "check_nf4_quantize",

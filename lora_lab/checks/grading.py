@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from . import conv1d, finetuning, lora_layer, lora_linear, low_rank, models, variants
+from . import conv1d, finetuning, injection, lora_layer, lora_linear, low_rank, merging, models, variants
 
 __all__ = ["grade"]
 
@@ -20,6 +20,8 @@ _GRADERS = {
     "check_lora_layer": lora_layer.check_lora_layer,
     "check_lora_linear": lora_linear.check_lora_linear,
     "check_model_lora_count": models.check_model_lora_count,
+    "check_apply_lora": injection.check_apply_lora,
+    "check_merge_unmerge": merging.check_merge_unmerge,
     "check_lora_optimizer": finetuning.check_lora_optimizer,
     "check_merged_weight": finetuning.check_merged_weight,
     "check_dora_forward": variants.check_dora_forward,

@@ -74,20 +74,28 @@ def check_lora_linear(
 def _adapter_bound_to(cls: Callable[..., nn.Module], layer_class: type[nn.Module] | None) -> Iterator[None]:
     """Bind ``ADAPTER_NAME`` to ``layer_class`` in the globals of ``cls.__init__`` (a notebook's
     namespace, for a class defined there) and restore the old binding afterwards, even on errors."""
-    namespace = getattr(getattr(cls, "__init__", None), "__globals__", None)
-    if layer_class is None or not isinstance(namespace, dict):
+    with _global_bound(getattr(getattr(cls, "__init__", None), "__globals__", None), ADAPTER_NAME, layer_class):
+        yield
+
+
+@contextmanager
+def _global_bound(namespace: object, name: str, value: object | None) -> Iterator[None]:
+    """Bind ``name`` to ``value`` in ``namespace`` (a function's ``__globals__``) while the block runs and
+    restore the old binding afterwards, even on errors; nothing happens when ``value`` is None or there
+    is no namespace."""
+    if value is None or not isinstance(namespace, dict):
         yield
         return
     missing = object()
-    previous = namespace.get(ADAPTER_NAME, missing)
-    namespace[ADAPTER_NAME] = layer_class
+    previous = namespace.get(name, missing)
+    namespace[name] = value
     try:
         yield
     finally:
         if previous is missing:
-            namespace.pop(ADAPTER_NAME, None)
+            namespace.pop(name, None)
         else:
-            namespace[ADAPTER_NAME] = previous
+            namespace[name] = previous
 
 
 def _check_lora_linear(
