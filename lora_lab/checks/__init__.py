@@ -23,11 +23,14 @@ The graders, by exercise:
   ``check_lora_linear``, on the checks of the two factors in :mod:`.factors`;
 - :mod:`.models` (notebook 02): ``check_model_lora_count``;
 - :mod:`.finetuning` (notebook 04): ``check_lora_optimizer``, ``check_merged_weight``;
+- :mod:`.comparison` (notebooks 05 and 06): ``check_forgetting_prediction``, ``check_subspace_similarity``,
+  ``check_rslora_prediction``;
 - :mod:`.conv1d` (notebook 08): ``check_conv1d_merge``;
 - :mod:`.variants` (notebook 07): ``check_dora_forward``, ``check_nf4_quantize``;
 - :mod:`.result`: :class:`CheckResult` and the seeded runner they all share.
 """
 
+from .comparison import check_forgetting_prediction, check_rslora_prediction, check_subspace_similarity
 from .conv1d import check_conv1d_merge
 from .finetuning import check_lora_optimizer, check_merged_weight
 from .lora_layer import check_lora_layer
@@ -50,4 +53,7 @@ __all__ = [
     "check_nf4_quantize",
     "check_lora_optimizer",
     "check_merged_weight",
+    "check_forgetting_prediction",
+    "check_subspace_similarity",
+    "check_rslora_prediction",
 ]
