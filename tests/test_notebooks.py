@@ -42,8 +42,8 @@ EXPECTED = [
     "08_lora_on_a_real_model.ipynb",
 ]
 EXERCISE_NOTEBOOKS = (
-    "01_low_rank_math.ipynb", "02_lora_layer.ipynb", "04_lora_finetuning.ipynb", "07_lora_variants.ipynb",
-    "08_lora_on_a_real_model.ipynb",
+    "01_low_rank_math.ipynb", "02_lora_layer.ipynb", "04_lora_finetuning.ipynb", "05_comparison.ipynb",
+    "06_beyond.ipynb", "07_lora_variants.ipynb", "08_lora_on_a_real_model.ipynb",
 )
 MIN_EXERCISES = 5
 MARKERS = (BEGIN_SOLUTION, END_SOLUTION, BEGIN_HIDDEN, END_HIDDEN)
