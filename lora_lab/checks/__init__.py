@@ -24,11 +24,14 @@ The graders, by exercise:
 - :mod:`.models` (notebook 02): ``check_model_lora_count``;
 - :mod:`.injection` and :mod:`.merging` (notebook 02): ``check_apply_lora``, ``check_merge_unmerge``;
 - :mod:`.finetuning` (notebook 04): ``check_lora_optimizer``, ``check_merged_weight``;
+- :mod:`.comparison` (notebooks 05 and 06): ``check_forgetting_prediction``, ``check_subspace_similarity``,
+  ``check_rslora_prediction``;
 - :mod:`.conv1d` (notebook 08): ``check_conv1d_merge``;
 - :mod:`.variants` (notebook 07): ``check_dora_forward``, ``check_nf4_quantize``;
 - :mod:`.result`: :class:`CheckResult` and the seeded runner they all share.
 """
 
+from .comparison import check_forgetting_prediction, check_rslora_prediction, check_subspace_similarity
 from .conv1d import check_conv1d_merge
 from .finetuning import check_lora_optimizer, check_merged_weight
 from .injection import check_apply_lora
@@ -55,4 +58,7 @@ __all__ = [
     "check_nf4_quantize",
     "check_lora_optimizer",
     "check_merged_weight",
+    "check_forgetting_prediction",
+    "check_subspace_similarity",
+    "check_rslora_prediction",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from . import conv1d, finetuning, injection, lora_layer, lora_linear, low_rank, merging, models, variants
+from . import comparison, conv1d, finetuning, injection, lora_layer, lora_linear, low_rank, merging, models, variants
 
 __all__ = ["grade"]
 
@@ -27,6 +27,9 @@ _GRADERS = {
     "check_dora_forward": variants.check_dora_forward,
     "check_nf4_quantize": variants.check_nf4_quantize,
     "check_conv1d_merge": conv1d.check_conv1d_merge,
+    "check_forgetting_prediction": comparison.check_forgetting_prediction,
+    "check_subspace_similarity": comparison.check_subspace_similarity,
+    "check_rslora_prediction": comparison.check_rslora_prediction,
 }
 
 
