@@ -22,6 +22,7 @@ The graders, by exercise:
 - :mod:`.lora_layer` and :mod:`.lora_linear` (notebook 02): ``check_lora_layer``,
   ``check_lora_linear``, on the checks of the two factors in :mod:`.factors`;
 - :mod:`.models` (notebook 02): ``check_model_lora_count``;
+- :mod:`.training` (notebook 03): ``check_training_loop``, ``check_perplexity``;
 - :mod:`.finetuning` (notebook 04): ``check_lora_optimizer``, ``check_merged_weight``;
 - :mod:`.conv1d` (notebook 08): ``check_conv1d_merge``;
 - :mod:`.variants` (notebook 07): ``check_dora_forward``, ``check_nf4_quantize``;
@@ -35,6 +36,7 @@ from .lora_linear import check_lora_linear
 from .low_rank import check_compression_ratio, check_parameter_count, check_truncated_svd
 from .models import check_model_lora_count
 from .result import CheckResult
+from .training import check_perplexity, check_training_loop
 from .variants import check_dora_forward, check_nf4_quantize
 
 __all__ = [
@@ -50,4 +52,6 @@ __all__ = [
     "check_nf4_quantize",
     "check_lora_optimizer",
     "check_merged_weight",
+    "check_training_loop",
+    "check_perplexity",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from . import conv1d, finetuning, lora_layer, lora_linear, low_rank, models, variants
+from . import conv1d, finetuning, lora_layer, lora_linear, low_rank, models, training, variants
 
 __all__ = ["grade"]
 
@@ -25,6 +25,8 @@ _GRADERS = {
     "check_dora_forward": variants.check_dora_forward,
     "check_nf4_quantize": variants.check_nf4_quantize,
     "check_conv1d_merge": conv1d.check_conv1d_merge,
+    "check_training_loop": training.check_training_loop,
+    "check_perplexity": training.check_perplexity,
 }
 
 
