@@ -18,32 +18,35 @@ from lora_lab.model import GPT, GPTConfig
 from lora_lab.training import evaluation_windows
 
 
-def make_loop(*, zero_grad=True, step=True, clip=True, shift=True, weight_decay=0.0, pass_lr=True,
-              unfreeze=False, all_params=False):  # fmt: skip
-    """The exercise's solution, or it with one typical mistake."""
+def make_loop(*, pass_lr=True, unfreeze=False, **flags):
+    """The exercise's solution (the grader's reference loop, itself checked against train below), or
+    it with one typical mistake: ``flags`` as :func:`reference_loop`'s, AdamW's default lr, every
+    parameter unfrozen."""
 
     def train_loop(model, data, block_size, batch_size, epochs, lr, seed):
         if unfreeze:
             for p in model.parameters():
                 p.requires_grad_(True)
-        params = list(model.parameters()) if all_params else [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr if pass_lr else 1e-3, weight_decay=weight_decay)
-        model.train()
-        losses = []
-        for x, y in iterate_batches(data, block_size, batch_size, epochs, seed):
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), (y if shift else x).reshape(-1))
-            if zero_grad:
-                optimizer.zero_grad()
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if step:
-                optimizer.step()
-            losses.append(loss.item())
-        return losses
+        return reference_loop(model, data, block_size=block_size, batch_size=batch_size, epochs=epochs,
+                              lr=lr if pass_lr else 1e-3, seed=seed, **flags)  # fmt: skip
 
     return train_loop
+
+
+def all_parameters_loop(model, data, block_size, batch_size, epochs, lr, seed):
+    """A correct loop that hands AdamW every parameter: frozen ones get no gradient, so AdamW skips them."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    model.train()
+    for x, y in iterate_batches(data, block_size, batch_size, epochs, seed):
+        loss = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def test_the_reference_loop_is_the_packages_loop_bit_for_bit():
@@ -62,7 +65,7 @@ def test_check_training_loop_passes_the_solution(capsys):
     assert "All 2 passed." in capsys.readouterr().out
     grade("check_training_loop", make_loop())  # the hidden test's call does not raise either
     # Handing AdamW every parameter is harmless: frozen ones get no gradient, so AdamW skips them.
-    assert check_training_loop(make_loop(all_params=True))
+    assert check_training_loop(all_parameters_loop)
 
 
 @pytest.mark.parametrize(
