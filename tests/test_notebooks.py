@@ -42,7 +42,8 @@ EXPECTED = [
     "08_lora_on_a_real_model.ipynb",
 ]
 EXERCISE_NOTEBOOKS = (
-    "01_low_rank_math.ipynb", "02_lora_layer.ipynb", "04_lora_finetuning.ipynb", "07_lora_variants.ipynb",
+    "01_low_rank_math.ipynb", "02_lora_layer.ipynb", "03_base_pretraining.ipynb", "04_lora_finetuning.ipynb",
+    "07_lora_variants.ipynb",
     "08_lora_on_a_real_model.ipynb",
 )
 MIN_EXERCISES = 5
