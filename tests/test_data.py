@@ -21,7 +21,7 @@ from lora_lab.data import (
     total_steps,
 )
 from lora_lab.data.sources import NamedCorpus
-from lora_lab.training.metrics import _windows
+from lora_lab.training.metrics import evaluation_windows
 
 
 def test_tokenizer_vocabulary_is_sorted_and_round_trips():
@@ -112,7 +112,7 @@ def test_batches_are_deterministic_shifted_and_cover_an_epoch():
 def test_evaluation_windows_score_every_target_exactly_once(n_tokens: int, block: int):
     size = min(block, n_tokens - 1)
     scored = []
-    for start, first in _windows(n_tokens, block):
+    for start, first in evaluation_windows(n_tokens, block):
         assert start >= 0 and start + size <= n_tokens - 1
         scored += [start + 1 + offset for offset in range(first, size)]
     assert scored == list(range(1, n_tokens))

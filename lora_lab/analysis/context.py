@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..training.metrics import _windows
+from ..training.metrics import evaluation_windows
 from ..validation import check_positive_int
 
 __all__ = ["WindowReach", "window_reach"]
@@ -82,7 +82,7 @@ def window_reach(text: str, block_size: int) -> WindowReach:
     needed = _needed_context(text)
     scored_context = np.zeros(len(text) - 1, dtype=np.int64)  # index p - 1: the context p is scored with
     size = min(block_size, len(text) - 1)
-    for start, first in _windows(len(text), block_size):
+    for start, first in evaluation_windows(len(text), block_size):
         offsets = np.arange(first, size)
         scored_context[start + offsets] = offsets + 1  # target start + 1 + j sees j + 1 characters
     return WindowReach(

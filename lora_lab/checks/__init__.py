@@ -23,6 +23,7 @@ The graders, by exercise:
   ``check_lora_linear``, on the checks of the two factors in :mod:`.factors`;
 - :mod:`.models` (notebook 02): ``check_model_lora_count``;
 - :mod:`.injection` and :mod:`.merging` (notebook 02): ``check_apply_lora``, ``check_merge_unmerge``;
+- :mod:`.training` (notebook 03): ``check_training_loop``, ``check_perplexity``;
 - :mod:`.finetuning` (notebook 04): ``check_lora_optimizer``, ``check_merged_weight``;
 - :mod:`.comparison` (notebooks 05 and 06): ``check_forgetting_prediction``, ``check_subspace_similarity``,
   ``check_rslora_prediction``;
@@ -41,6 +42,7 @@ from .low_rank import check_compression_ratio, check_parameter_count, check_trun
 from .merging import check_merge_unmerge
 from .models import check_model_lora_count
 from .result import CheckResult
+from .training import check_perplexity, check_training_loop
 from .variants import check_dora_forward, check_nf4_quantize
 
 __all__ = [
@@ -61,4 +63,6 @@ __all__ = [
     "check_forgetting_prediction",
     "check_subspace_similarity",
     "check_rslora_prediction",
+    "check_training_loop",
+    "check_perplexity",
 ]

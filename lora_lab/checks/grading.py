@@ -9,7 +9,19 @@ from __future__ import annotations
 import contextlib
 import io
 
-from . import comparison, conv1d, finetuning, injection, lora_layer, lora_linear, low_rank, merging, models, variants
+from . import (
+    comparison,
+    conv1d,
+    finetuning,
+    injection,
+    lora_layer,
+    lora_linear,
+    low_rank,
+    merging,
+    models,
+    training,
+    variants,
+)
 
 __all__ = ["grade"]
 
@@ -30,6 +42,8 @@ _GRADERS = {
     "check_forgetting_prediction": comparison.check_forgetting_prediction,
     "check_subspace_similarity": comparison.check_subspace_similarity,
     "check_rslora_prediction": comparison.check_rslora_prediction,
+    "check_training_loop": training.check_training_loop,
+    "check_perplexity": training.check_perplexity,
 }
 
 

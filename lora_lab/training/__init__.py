@@ -7,13 +7,14 @@ device (:mod:`~lora_lab.training.compute`) and data-parallel runs under ``torchr
 from . import distributed
 from .compute import ComputeSettings
 from .loop import TrainConfig, TrainHistory, train
-from .metrics import generate_samples, mean_loss, perplexity
+from .metrics import evaluation_windows, generate_samples, mean_loss, perplexity
 
 __all__ = [
     "ComputeSettings",
     "TrainConfig",
     "TrainHistory",
     "distributed",
+    "evaluation_windows",
     "generate_samples",
     "mean_loss",
     "perplexity",

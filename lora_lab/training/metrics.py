@@ -17,11 +17,16 @@ from tqdm.auto import tqdm
 
 from ..seeding import derived_seed
 
-__all__ = ["mean_loss", "perplexity", "generate_samples"]
+__all__ = ["evaluation_windows", "mean_loss", "perplexity", "generate_samples"]
 
 
-def _windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
-    """``(start, first_scored_offset)`` of each window, stride ``block_size // 2``."""
+def evaluation_windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
+    """The windows :func:`mean_loss` scores over ``n_tokens`` tokens: ``(start, first)`` pairs.
+
+    Each window holds ``size + 1`` tokens from ``start`` (``size = min(block_size, n_tokens - 1)``):
+    ``size`` inputs and their ``size`` next tokens. Windows start every ``size // 2`` tokens (the
+    last one is moved back to end at the data's end), and window ``(start, first)`` scores only its
+    targets from offset ``first`` on, those no earlier window scored: every target exactly once."""
     if n_tokens < 2:
         raise ValueError("evaluation needs at least two tokens (one input and its next token)")
     size = min(block_size, n_tokens - 1)
@@ -51,7 +56,7 @@ def mean_loss(
     """Mean next-token cross-entropy (nats per token) over ``data``, every target scored
     once. ``max_windows`` evaluates an evenly spaced, deterministic subset (for quick
     estimates during training)."""
-    windows = _windows(len(data), block_size)
+    windows = evaluation_windows(len(data), block_size)
     if max_windows is not None and len(windows) > max_windows:
         step = len(windows) / max_windows
         windows = [windows[int(i * step)] for i in range(max_windows)]
