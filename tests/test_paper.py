@@ -800,11 +800,12 @@ def test_the_variants_reading_follows_the_seed_ranges_in_variants_json(tmp_path)
     text = _build_with(tmp_path / "as_committed", variants)
     dora_ends_above = all(run["target_ppl"] > max(r["target_ppl"] for r in by_name["lora"]["runs"])
                           for run in by_name["dora"]["runs"])  # fmt: skip
-    assert ("endaboveitoneveryseed" in text or "endsaboveitoneveryseed" in text) == dora_ends_above
+    above = text.split("Aboveitoneveryseed:")[1].split(".")[0] if "Aboveitoneveryseed:" in text else ""
+    assert ("DoRA" in above) == dora_ends_above, above
     for run in by_name["dora"]["runs"]:  # DoRA now below LoRA on every seed: the sentence must move it
         run["target_ppl"] = lora_low - 0.01
     moved = _build_with(tmp_path / "dora_better", variants)
-    below = moved.split("belowLoRAonthetargetoneveryseed")[0].rsplit(".", 1)[-1]
+    below = moved.split("BelowLoRAonthetargetoneveryseed:")[1].split(".")[0]
     assert "DoRA" in below, below
 
 
