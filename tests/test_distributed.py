@@ -216,7 +216,9 @@ def test_keep_best_is_refused_under_torchrun_and_the_model_is_untouched(monkeypa
 
 def test_world_size_in_results_json(tmp_path: Path) -> None:
     committed = json.loads((ROOT / "paper" / "data" / "results.json").read_text(encoding="utf-8"))
-    assert "world_size" not in committed and RunResults.from_json(committed).world_size == 1  # older files load
+    assert committed["world_size"] == 1  # the committed run is one process
+    older = {key: value for key, value in committed.items() if key != "world_size"}
+    assert RunResults.from_json(older).world_size == 1  # files written before world_size existed load as 1
     for bad in (0, 1.5, True, "2"):
         with pytest.raises(ResultsError, match="'world_size' must be a positive integer"):
             RunResults.from_json({**committed, "world_size": bad})
