@@ -47,6 +47,7 @@ from ..runtime import machine_description
 from ..seeding import seed_everything
 from ..training import TrainHistory
 from .config import TUNED_RECIPE, LoRARecipe
+from .seeds import Spread
 from .stages import Experiment, TrainedModel, _base_key, _cached_stage, _key, _train, entropy_floors, evaluate
 
 __all__ = [
@@ -179,19 +180,21 @@ class VariantSummary:
     def _values(self, metric: str) -> list[float]:
         return [getattr(run, metric) for run in self.runs if getattr(run, metric) is not None]
 
+    def seed_spread(self, metric: str) -> Spread:
+        """``metric`` over the seeds, as results.json's tables read it (:class:`~lora_lab.experiment.seeds.Spread`)."""
+        return Spread.of(self._values(metric))
+
     def mean(self, metric: str) -> float:
-        return statistics.fmean(self._values(metric))
+        return self.seed_spread(metric).mean
 
     def spread(self, metric: str) -> float:
-        """The largest distance of a seed's value from the mean (0 for one seed): the "± d" that
-        results.json's tables and the PDF quote, so the two tables read alike."""
-        values = self._values(metric)
-        mean = statistics.fmean(values)
-        return max(abs(value - mean) for value in values)
+        """The largest distance of a seed's value from the mean (0 for one seed): the "± d" of
+        results.json's tables and the PDF, so the two tables read alike."""
+        return self.seed_spread(metric).deviation
 
     def span(self, metric: str) -> tuple[float, float]:
-        values = self._values(metric)
-        return min(values), max(values)
+        spread = self.seed_spread(metric)
+        return spread.low, spread.high
 
 
 @dataclass
