@@ -1,9 +1,10 @@
-"""Command line: ``lora-lab run`` (also ``python -m lora_lab run``)."""
+"""Command line: ``lora-lab run`` (also ``python -m lora_lab run``), ``lora-lab variants``, ``lora-lab rslora``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .data import NAMED_CORPORA
@@ -65,15 +66,68 @@ def _parser() -> argparse.ArgumentParser:
         "same step budget over several seeds, each at the learning rate its sweep picks, and write the "
         "table (perplexities, distance to the entropy floor, forgetting, validity, sizes, step times) as JSON.",
     )
-    variants.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="the profile (default: cpu)")
-    variants.add_argument("--seeds", type=int, default=3, help="seeds per variant (default: 3)")
+    _job_options(variants, "runs/variants.json", "seeds per variant (default: 3)")
     variants.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: the profile's)")
     variants.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
-    variants.add_argument("--out", default="runs/variants.json", help="the JSON file (default: runs/variants.json)")
-    variants.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    variants.add_argument("--cache", default=None, help="artifact cache folder (as for run)")
-    variants.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rslora = commands.add_parser(
+        "rslora",
+        help="rsLoRA against LoRA at several ranks, fully trained, over several seeds",
+        description="From each seed's pretrained base (built-in corpus), fine-tune the tuned recipe at each rank "
+        "with LoRA's scaling α/r and with rsLoRA's α'/√r (α' chosen so that both take the same step at the tuned "
+        "rank), for the profile's budget, and write the table as JSON.",
+    )
+    _job_options(rslora, "runs/rslora.json", "seeds (default: 3)")
+    rslora.add_argument("--ranks", default="4,16,64",
+                        help="comma-separated ranks, the tuned one among them (default: 4,16,64)")
+    rslora.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a profile field, as for run (repeatable)")
     return parser
+
+
+def _job_options(parser: argparse.ArgumentParser, out: str, seeds_help: str) -> None:
+    """The options of the measuring jobs that write one JSON table (variants, rslora)."""
+    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="the profile (default: cpu)")
+    parser.add_argument("--seeds", type=int, default=3, help=seeds_help)
+    parser.add_argument("--out", default=out, help=f"the JSON file (default: {out})")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--cache", default=None, help="artifact cache folder (as for run)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _job(work: Callable[[], str], out: str) -> int:
+    """Run a measuring job that writes ``out`` and returns its table as text. Its errors (bad arguments
+    first, refused before anything trains) end it with one clear line and exit status 2."""
+    try:
+        table = work()
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
+        print(f"lora-lab: error: {error}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"\nWrote {out}")
+    return 0
+
+
+def _rslora(args: argparse.Namespace) -> int:
+    from .experiment.rslora_study import format_rslora_study, run_rslora_study, write_rslora_study
+    from .experiment.stages import prepare
+
+    def work() -> str:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+        try:
+            ranks = [int(r) for r in args.ranks.split(",")]
+        except ValueError:
+            raise ValueError(f"--ranks takes comma-separated whole numbers (e.g. 4,16,64), got {args.ranks!r}"
+                             ) from None  # fmt: skip
+        if any(r < 1 for r in ranks):
+            raise ValueError(f"every rank must be at least 1, got {ranks}")
+        exp = prepare("builtin", args.profile, overrides=parse_overrides(args.overrides), device=args.device,
+                      cache=args.cache, progress=not args.no_progress)  # fmt: skip
+        study = run_rslora_study(exp, seeds=args.seeds, ranks=ranks)
+        write_rslora_study(study, args.out)
+        return format_rslora_study(study)
+
+    return _job(work, args.out)
 
 
 def _variants(args: argparse.Namespace) -> int:
@@ -81,7 +135,7 @@ def _variants(args: argparse.Namespace) -> int:
     from .experiment.variants import VARIANTS, run_variants, write_variants
     from .experiment.variants_report import format_variants
 
-    try:  # bad arguments are refused before anything trains
+    def work() -> str:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
         names = [name.strip() for name in args.only.split(",")] if args.only else None
@@ -91,18 +145,17 @@ def _variants(args: argparse.Namespace) -> int:
         exp = prepare("builtin", args.profile, device=args.device, cache=args.cache, progress=not args.no_progress)
         results = run_variants(exp, pretrained_base(exp), names=names, seeds=args.seeds, epochs=args.epochs)
         write_variants(results, args.out)
-    except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
-        print(f"lora-lab: error: {error}", file=sys.stderr)
-        return 2
-    print(format_variants(results))
-    print(f"\nWrote {args.out}")
-    return 0
+        return format_variants(results)
+
+    return _job(work, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "variants":
         return _variants(args)
+    if args.command == "rslora":
+        return _rslora(args)
     import matplotlib
 
     # Files only, no display: the backend must be chosen before the job's modules import pyplot.

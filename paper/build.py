@@ -44,6 +44,7 @@ from pathlib import Path
 
 try:
     from lora_lab.experiment.results import ResultsError, RunResults
+    from lora_lab.experiment.rslora_study import RsLoRAStudy
     from lora_lab.experiment.variants import VariantsResults
     from lora_lab.files import atomic_path
 except ImportError as error:  # e.g. run with a Python that lacks the project's environment
@@ -61,6 +62,8 @@ DEFAULT_OUT = REPO_ROOT / "comentario_LoRA.pdf"
 SOURCES = ("main.typ", "lib.typ", "refs.yml", "chapters")
 # `lora-lab variants --seeds 3 --epochs 5` writes it; notebook 07 reads the same file.
 DEFAULT_VARIANTS = PAPER_DIR / "variants.json"
+# `lora-lab rslora --seeds 3` writes it; notebook 06 reads the same file.
+DEFAULT_RSLORA = PAPER_DIR / "rslora.json"
 RESULTS = "results.json"
 SWEEP = "sweep.json"
 #: The benchmark suite's results, as the snapshot names them.
@@ -308,6 +311,17 @@ def _check_variants(path: Path) -> Path:
     return path.resolve()
 
 
+def _check_rslora(path: Path) -> Path:
+    """rsLoRA against LoRA, fully trained, read with lora_lab's own reader."""
+    if not path.is_file():
+        raise BuildError(f"{path} does not exist: run `lora-lab rslora --seeds 3 --out {path}`")
+    try:
+        RsLoRAStudy.from_json(path.read_text(encoding="utf-8"), where=str(path))
+    except ValueError as error:
+        raise BuildError(f"{path} is not an rsLoRA study: {error}") from None
+    return path.resolve()
+
+
 def _stage(files: dict[str, Path], stage: Path) -> None:
     for name in SOURCES:
         source = PAPER_DIR / name
@@ -450,6 +464,7 @@ def build(
     date: str | None = None,
     bench: str | os.PathLike | None = AUTO,
     variants: str | os.PathLike = DEFAULT_VARIANTS,
+    rslora: str | os.PathLike = DEFAULT_RSLORA,
 ) -> Path:
     """Build the PDF; return its path.
 
@@ -465,9 +480,11 @@ def build(
             that file (without ``run_dir`` it then replaces the snapshot's ``bench.json``).
             None: no benchmark figures; the text says how to produce them.
         variants: the variants table (``lora-lab variants``'s JSON, ``paper/variants.json``).
+        rslora: rsLoRA against LoRA fully trained (``lora-lab rslora``'s JSON, ``paper/rslora.json``).
     """
     data_dir, out = Path(data_dir).resolve(), Path(out).resolve()
     variants_path = _check_variants(Path(variants))
+    rslora_path = _check_rslora(Path(rslora))
     if run_dir is not None:
         files = _collect(Path(run_dir).resolve(), "the run directory")
     elif (data_dir / RESULTS).is_file():
@@ -496,6 +513,7 @@ def build(
             stage.mkdir()
             _stage(files, stage)
             shutil.copy2(variants_path, stage / "variants.json")
+            shutil.copy2(rslora_path, stage / "rslora.json")
             pdf = _compile(stage, date or _default_date())
     except OSError as error:  # e.g. a file of the run that cannot be read, or a full temporary folder
         raise BuildError(

@@ -122,3 +122,62 @@ def test_window_reach_counts_sentences_the_window_cannot_see_whole():
     assert short.reach_evaluation < short.reach_full_window < 1.0
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         window_reach(target, 0)
+
+
+def test_the_cpu_profile_learning_rates_are_the_committed_sweeps_choice():
+    """Both fine-tunings of the cpu profile run at the learning rate one sweep picked for them (the
+    same grid, the whole budget, the target validation split): paper/lr_selection.json, written by
+    `lora-lab run --select-lr`, is the evidence, and the profile must follow it."""
+    from pathlib import Path
+
+    from lora_lab.experiment.config import get_profile
+
+    path = Path(__file__).resolve().parents[1] / "paper" / "lr_selection.json"
+    selection = ablations.read_lr_selection(path.read_text(encoding="utf-8"), where=str(path))
+    profile = get_profile("cpu")
+    assert (selection["corpus"], selection["profile"], selection["seed"]) == ("builtin", "cpu", profile.seed)
+    by_method = {m: [r for r in selection["runs"] if r["method"] == m] for m in ("lora", "full")}
+    assert all(sorted(r["lr"] for r in runs) == sorted(ablations.LR_GRID) for runs in by_method.values())
+    steps = {r["steps"] for runs in by_method.values() for r in runs}
+    assert len(steps) == 1  # both methods swept at one budget
+    assert ablations.best_lr(by_method["lora"]) == profile.recipe("lora").lr
+    assert ablations.best_lr(by_method["full"]) == profile.full.lr
+
+
+def test_a_learning_rate_selection_file_is_checked():
+    import json
+
+    good = {"corpus": "builtin", "profile": "smoke", "seed": 0, "runs": [
+        {"method": "full", "lr": 1e-3, "steps": 5, "target_ppl": 3.0, "source_ppl": 2.0, "diverged": False},
+        {"method": "full", "lr": 1e-1, "steps": None, "target_ppl": None, "source_ppl": None, "diverged": True},
+    ]}  # fmt: skip
+    assert ablations.read_lr_selection(json.dumps(good))["runs"] == good["runs"]
+    with pytest.raises(ValueError, match=r"lacks \['profile'\].*--select-lr"):
+        ablations.read_lr_selection(json.dumps({k: v for k, v in good.items() if k != "profile"}))
+    bad = {**good, "runs": [{**good["runs"][0], "target_ppl": 0.5}]}
+    with pytest.raises(ValueError, match="perplexities must be finite and ≥ 1"):
+        ablations.read_lr_selection(json.dumps(bad))
+    with pytest.raises(ValueError, match="is not JSON"):
+        ablations.read_lr_selection("{")
+    with pytest.raises(ValueError, match="no runs"):
+        ablations.read_lr_selection(json.dumps({**good, "runs": []}))
+
+
+def test_the_frontier_draws_each_method_through_its_learning_rates():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    runs = [{"method": m, "lr": lr, "steps": 5, "target_ppl": t, "source_ppl": s, "diverged": False}
+            for m, points in (("lora", ((1e-3, 1.7, 4.0), (1e-2, 1.6, 7.0))), ("full", ((1e-3, 1.62, 6.0),)))
+            for lr, t, s in points]  # fmt: skip
+    runs.append({"method": "full", "lr": 1e-1, "steps": None, "target_ppl": None, "source_ppl": None, "diverged": True})
+    fig = ablations.plot_lr_frontier(runs, {"target": 1.5, "source": 1.6})
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    lora = next(line for label, line in lines.items() if label.startswith("LoRA, tuned recipe"))
+    assert list(lora.get_xdata()) == [4.0, 7.0] and list(lora.get_ydata()) == [1.7, 1.6]
+    assert [t.get_text() for t in ax.texts] == ["0.001", "0.01", "0.001"]  # the diverged run is left out
+    assert len(ax.collections) == 2  # one ring per method, on its chosen lr
+    plt.close(fig)

@@ -92,6 +92,18 @@ def test_forgetting_prediction_diagnoses_each_misconception(predicted, problem, 
     assert any(problem in message and hint in tip for message, tip in result.failed), result.report()
 
 
+def test_forgetting_prediction_explains_the_order_that_was_measured():
+    """When LoRA is the one that forgets more (its recipe takes larger steps), the hint does not argue
+    from full fine-tuning's freedom, which would point the other way."""
+    lora_more = {"lora": 1.47, "full": 1.30}
+    assert check_forgetting_prediction({"lora": 1.5, "full": 1.3}, lora_more)
+    result = check_forgetting_prediction({"lora": 1.4, "full": 1.8}, lora_more)
+    assert not result
+    ((problem, hint),) = [(m, t) for m, t in result.failed if "the other order" in m]
+    assert "LoRA forgets more by 0.17 nats" in problem and "how far training moves the model" in hint
+    assert "every weight" not in hint
+
+
 def test_forgetting_prediction_accepts_either_order_when_the_measurement_ties():
     assert check_forgetting_prediction({"lora": 1.5, "full": 1.45}, {"lora": 1.47, "full": 1.5})
 

@@ -60,9 +60,11 @@ paper_build = _load_build_module()
 
 
 def _text(pdf: Path) -> str:
-    """The PDF's text, NFKC-normalised so that ligatures (ﬁ) read as plain letters."""
+    """The PDF's text, NFKC-normalised so that ligatures (ﬁ) read as plain letters, and the no-break
+    hyphens of table cells ("fine‑tuning", which NFKC makes U+2010) as plain hyphens."""
     reader = pypdf.PdfReader(pdf)
-    return unicodedata.normalize("NFKC", "\n".join(page.extract_text() for page in reader.pages))
+    text = unicodedata.normalize("NFKC", "\n".join(page.extract_text() for page in reader.pages))
+    return text.replace("\u2010", "-")
 
 
 def _squash(text: str) -> str:
@@ -155,19 +157,34 @@ def test_the_course_is_named_the_course_and_seed_means_a_random_seed(built):
     assert _squash("The course’s recipe uses r = 4") in _squash(flat)  # the scaling chapter reads recipes.lora_course
     assert "the course’s recipe only" in flat  # the experiment chapter reads models.lora_course
     uses = {word for word in re.findall(r"(\w+) seeds?\b", flat, flags=re.IGNORECASE) if not word.isdigit()}
-    assert uses == {"Random", "random", "one", "between", "several", "single", "every", "the", "over"}, uses
+    assert uses == {"Random", "random", "one", "between", "several", "single", "every", "the", "over", "first"}, uses
 
 
 def test_the_portuguese_part_summarises_the_run_in_portuguese(built):
-    """The course's students read Portuguese: a Resumo with the run's numbers and a glossary."""
+    """The course's students read Portuguese: a Resumo with the run's numbers, written the Brazilian
+    way (decimal comma, thousands point), and a glossary."""
     flat = " ".join(built["text"].split())
-    resumo = flat[flat.index("Resumo em português") :]
+    resumo = flat[flat.rindex("Resumo em português") :]  # the chapter, not its line in the contents
     models = _fixture_results()["models"]
     assert "A receita de LoRA ajustada treinou" in resumo
-    assert f"{models['lora']['target_ppl']:.3f}" in resumo and f"{models['full']['target_ppl']:.3f}" in resumo
+    for name in ("lora", "full"):
+        english = f"{models[name]['target_ppl']:.3f}"
+        assert english.replace(".", ",") in resumo and english not in resumo, name
+    total = models["base"]["total_params"]
+    assert total >= 1000 and f"{total:,}".replace(",", ".") + " parâmetros" in resumo
     terms = (("rank", "posto"), ("perplexity", "perplexidade"), ("learning rate", "taxa de aprendizado"))
     for english, portuguese in terms:
         assert f"{english} {portuguese}" in resumo, english
+
+
+def test_references_are_in_alphabetical_order(built):
+    """The reference list is sorted by the first author's family name as printed ("Ben Zaken"
+    under B, not after Vaswani)."""
+    references = built["text"][built["text"].rindex("References") :]
+    firsts = re.findall(r"^([A-Z][\w .-]*?), (?:[A-Z]\.)+.*?\((\d{4})\)", references, flags=re.MULTILINE)
+    names = [name for name, _ in firsts]
+    assert len(names) >= 15 and "Ben Zaken" in names, names
+    assert names == sorted(names, key=str.casefold), names
 
 
 def test_every_chapter_has_review_questions_answered_in_the_appendix(built):
@@ -273,8 +290,8 @@ def test_profile_settings_are_read_not_typed(tmp_path):
     text = _text(paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None))
     flat = " ".join(text.split())
     assert "Fine-tuning epochs (every run) 37" in flat
-    assert _squash("its LoRA recipes; s = α/r; “all linear”: every nn.Linear") in _squash(flat)
-    assert "LoRA run r α s lr Adapted LoRA (course) 4 1 0.250 1e−3 all linear LoRA (tuned) 8 16 2.000 3e−3" in flat
+    assert _squash("its LoRA recipes; s = α/r; every recipe adapts every nn.Linear of the model") in _squash(flat)
+    assert "LoRA recipe r α s lr course 4 1 0.250 1e−3 tuned 8 16 2.000 3e−3" in flat
     for label, value in (
         ("Transformer blocks", "3"),
         ("Attention heads", "8"),
@@ -292,19 +309,20 @@ def test_profile_settings_are_read_not_typed(tmp_path):
 
 def test_a_recipe_with_its_own_epochs_and_rslora_is_shown_as_such(tmp_path):
     """A recipe may set its own epochs (then the table says so per recipe and the text stops
-    claiming equal budgets) and use rsLoRA (then s = alpha / sqrt(r))."""
+    claiming equal budgets), use rsLoRA (then s = alpha / sqrt(r)) and adapt its own layers (then
+    a column says which)."""
     run = _copy_fixture(tmp_path / "run")
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
     for recipes in (results["recipes"], results["profile_settings"]["recipes"]):
-        recipes["lora"].update(epochs=12.0, use_rslora=True)
+        recipes["lora"].update(epochs=12.0, use_rslora=True, target_modules=["q", "v"])
     (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
     text = _text(paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "x.pdf", date=DATE, bench=None))
     flat = " ".join(text.split())
     assert "Fine-tuning epochs (default) 5" in flat and "(every run)" not in flat
-    assert "LoRA run r α s lr Epochs Adapted" in flat
+    assert "LoRA recipe r α s lr Epochs Adapted" in flat  # the recipes adapt different layers: a column says which
     caption = "its LoRA recipes; s = α/r (α/√r for rsLoRA recipes); “all linear”: every nn.Linear"
     assert _squash(caption) in _squash(flat)
-    assert "LoRA (course) 4 1 0.250 1e−3 5 all linear LoRA (tuned) 8 16 5.657 3e−3 12 all linear" in flat  # 16/√8
+    assert "course 4 1 0.250 1e−3 5 all linear tuned 8 16 5.657 3e−3 12 q, v" in flat  # 16/√8
     assert _squash("so s = 5.657 (rsLoRA, s = α/√r)") in _squash(flat)
     assert "for the same number of epochs" not in flat and "in its own number of epochs" in flat
 
@@ -783,14 +801,53 @@ def _variants() -> dict:
     return json.loads((REPO / "paper" / "variants.json").read_text(encoding="utf-8"))
 
 
-def _build_with(tmp_path: Path, variants: dict | None = None, sweep: dict | None = None) -> str:
+def _rslora() -> dict:
+    return json.loads((REPO / "paper" / "rslora.json").read_text(encoding="utf-8"))
+
+
+def _build_with(
+    tmp_path: Path, variants: dict | None = None, sweep: dict | None = None, rslora: dict | None = None
+) -> str:
     run = _copy_fixture(tmp_path / "run")
     if sweep is not None:
         (run / "sweep.json").write_text(json.dumps(sweep), encoding="utf-8")
     path = tmp_path / "variants.json"
     path.write_text(json.dumps(variants if variants is not None else _variants()), encoding="utf-8")
-    out = paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "out.pdf", bench=None, variants=path)
+    study = tmp_path / "rslora.json"
+    study.write_text(json.dumps(rslora if rslora is not None else _rslora()), encoding="utf-8")
+    out = paper_build.build(run, data_dir=tmp_path / "data", out=tmp_path / "out.pdf", bench=None, variants=path,
+                            rslora=study)  # fmt: skip
     return _squash(_text(out))
+
+
+def test_the_fully_trained_rslora_comparison_follows_the_seed_ranges(tmp_path):
+    """§6.5 reads paper/rslora.json: a difference between the scalings is stated only when every seed of one
+    lies below every seed of the other."""
+    study = _rslora()
+    big = max(r for r in study["ranks"] if r != study["matched_rank"])
+    cell = [r for r in study["runs"] if r["rank"] == big]
+    lora_low = min(r["target_ppl"] for r in cell if r["method"] == "lora")
+    for run in cell:
+        if run["method"] == "rslora":
+            run["target_ppl"] = lora_low - 0.01
+    text = _build_with(tmp_path / "rslora_lower", rslora=study)
+    # 600 characters: a page break (running header, a float's caption) may fall inside the sentence
+    at_big = text.split("Trainedtotheend.Shortruns")[1].split(f"Atr={big},LoRAreaches")[1][:600]
+    assert "rsLoRAisloweroneveryseed" in at_big.split("Atr=")[0], at_big
+    lora_values = [r["target_ppl"] for r in cell if r["method"] == "lora"]
+    for run, value in zip([r for r in cell if r["method"] == "rslora"], reversed(lora_values)):
+        run["target_ppl"] = value  # the same values: the ranges overlap
+    text = _build_with(tmp_path / "rslora_overlap", rslora=study)
+    at_big = text.split("Trainedtotheend.Shortruns")[1].split(f"Atr={big},LoRAreaches")[1][:600].split("Atr=")[0]
+    assert "overlap,sonodifferenceisresolved" in at_big and "isloweroneveryseed" not in at_big, at_big
+
+
+def test_a_malformed_rslora_study_is_a_clear_error(tmp_path):
+    broken = _rslora()
+    broken["runs"] = broken["runs"][1:]
+    with pytest.raises(paper_build.BuildError, match="is not an rsLoRA study.*one run per method, rank and seed"):
+        _build_with(tmp_path, rslora=broken)
+    assert not (tmp_path / "out.pdf").exists()
 
 
 def test_the_variants_reading_follows_the_seed_ranges_in_variants_json(tmp_path):

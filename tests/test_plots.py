@@ -31,7 +31,8 @@ FLOORS = {"target": 1.577, "source": 1.679}
 
 
 def _models(target: list[float], source: list[float]) -> dict[str, dict]:
-    names = ("base", "lora_course", "lora", "full")
+    names = ("base", "lora_course", "lora", "full") if len(target) == 4 else ("base", "lora_course", "lora_course_5ep",
+                                                                             "lora", "full")  # fmt: skip
     return {n: {"target_ppl": t, "source_ppl": s} for n, t, s in zip(names, target, source)}
 
 
@@ -52,22 +53,30 @@ def _visible_texts(fig) -> list[Text]:
         ([47.238, 3.817, 1.617, 1.611], [1.690, 2.449, 5.987, 6.759]),  # the snapshot's numbers
         ([1.60, 1.59, 1.58, 1.59], [1.70, 1.69, 1.68, 1.70]),  # everything on the floor
         ([400.0, 1.5, 1.5, 1.5], [1.68, 300.0, 1.7, 1.7]),  # bars over two decades
+        # the 3-seed snapshot's first seed, five models: two neighbours' labels at one height
+        ([45.851, 2.590, 9.774, 1.613, 1.631], [1.696, 2.777, 2.244, 7.381, 9.987]),
     ],
 )
 def test_perplexity_labels_clear_each_other_and_the_titles(target, source):
     """With the floors known, each model is a dot at its excess loss, labelled above it; the labels
-    stay inside their panel, under its title, and never cover one another."""
+    stay inside their panel, under its title, and never cover one another, nor do the tick labels
+    ("LoRA (tuned)" beside "full fine-tuning")."""
     fig = plot_perplexities(_models(target, source), FLOORS)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes]
     for ax in fig.axes:
         title_box = ax.title.get_window_extent(renderer)
-        assert len(ax.texts) == 4  # one value label per model
+        assert len(ax.texts) == len(target)  # one value label per model
         boxes = [label.get_window_extent(renderer) for label in ax.texts]
         for i, box in enumerate(boxes):
             assert not box.overlaps(title_box)
             assert box.y1 <= ax.get_window_extent(renderer).y1  # inside the axes, under the title
             assert not any(box.overlaps(other) for other in boxes[i + 1 :])
+        ticks = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        assert len(ticks) == len(target)
+        assert not any(a.overlaps(b) for i, a in enumerate(ticks) for b in ticks[i + 1 :])
+        assert not any(tick.overlaps(panel) for tick in ticks for panel in panels)  # not into the panel below
     plt.close(fig)
 
 
@@ -113,6 +122,41 @@ def test_coinciding_lines_stay_visible():
     lora, full = lines[LABELS["lora"]], lines[LABELS["full"]]
     assert lora.get_zorder() > full.get_zorder() and lora.get_linewidth() < full.get_linewidth()
     assert lora.get_linestyle() != full.get_linestyle()
+    plt.close(fig)
+
+
+def test_fine_tuning_curves_show_the_loss_above_the_floor():
+    """Runs ending a hundredth of a nat apart near the floor would share one line on a linear axis:
+    with the target's floor known, the fine-tuning panel plots loss - ln floor on a log axis; a run
+    at or below the floor (which a log axis cannot show) brings back the linear axis and the line."""
+    import math
+
+    floor = math.log(FLOORS["target"])
+    lora = TrainHistory([3.0, 1.0], [(0, 3.0), (10, floor + 0.023)], 1.0, 10)
+    full = TrainHistory([3.0, 1.0], [(0, 3.0), (10, floor + 0.034)], 1.0, 10)
+    fig = plot_loss_curves({"lora": lora, "full": full}, FLOORS)
+    right = fig.axes[1]
+    lines = {line.get_label(): line for line in right.get_lines()}
+    assert right.get_yscale() == "log" and "entropy floor" not in lines
+    assert list(lines[LABELS["lora"]].get_ydata()) == pytest.approx([3.0 - floor, 0.023])
+    assert list(lines[LABELS["full"]].get_ydata()) == pytest.approx([3.0 - floor, 0.034])
+    plt.close(fig)
+    below = TrainHistory([3.0, 1.0], [(0, 3.0), (10, floor - 0.01)], 1.0, 10)
+    fig = plot_loss_curves({"lora": below, "full": full}, FLOORS)
+    right = fig.axes[1]
+    assert right.get_yscale() == "linear" and "entropy floor" in [line.get_label() for line in right.get_lines()]
+    plt.close(fig)
+
+
+def test_rank_sweep_marks_the_tuned_run_at_its_rank():
+    """The tuned LoRA run ends within a percent of full fine-tuning: given its rank it is a star at
+    (rank, perplexity) over full fine-tuning's band, and its legend entry says it is fully trained."""
+    runs = [{"rank": r, "alpha": 32.0, "target_ppl": 3.0 - 0.1 * r, "source_ppl": 2.5} for r in (1, 4, 16)]
+    reference = {"lora": {"target_ppl": 1.615, "source_ppl": 2.4}, "full": {"target_ppl": 1.629, "source_ppl": 2.6}}
+    fig = plot_rank_sweep(runs, reference, FLOORS, lora_rank=16)
+    star = next(line for line in fig.axes[0].get_lines() if line.get_marker() == "*")
+    assert list(star.get_xdata()) == [16] and list(star.get_ydata()) == [1.615]
+    assert "r = 16" in star.get_label() and star.get_zorder() > 1
     plt.close(fig)
 
 

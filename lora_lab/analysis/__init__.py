@@ -4,7 +4,8 @@
   (:func:`rank_sweep`, :func:`alpha_sweep`, :func:`target_sweep`, :func:`sweep_table`) and the
   files they leave for the companion PDF (:func:`write_sweep_outputs`, :func:`analyse_run`);
 * :mod:`~lora_lab.analysis.ablations` — fair comparisons at the headline budget: each method's
-  learning rate from one sweep (:func:`lr_sweep`, :func:`best_lr`, :func:`select_lrs`), the
+  learning rate from one sweep (:func:`lr_sweep`, :func:`best_lr`, :func:`select_lrs`; its file
+  read by :func:`read_lr_selection` and drawn by :func:`plot_lr_frontier`), the
   tuned recipe taken apart (:func:`recipe_ablation`), rsLoRA at a matched step
   (:func:`rslora_comparison`), target modules at an equal parameter budget
   (:func:`budget_matched_targets`);

@@ -38,13 +38,15 @@ __all__ = [
     "lr_sweep",
     "best_lr",
     "select_lrs",
+    "read_lr_selection",
     "lr_table",
+    "plot_lr_frontier",
     "recipe_ablation",
     "rslora_comparison",
     "budget_matched_targets",
 ]
 
-#: One grid for every method: half-decades around both tuned learning rates (LoRA 1e-2, full 2e-3).
+#: One grid for every method: half-decades from 3e-4 to 3e-2, around both methods' usual learning rates.
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 #: Sets of layers for the budget-matched comparison, as in Hu et al.'s Table 5 (one attention
@@ -141,6 +143,32 @@ def select_lrs(
     return dataclasses.replace(exp, profile=with_overrides(exp.profile, chosen)), runs
 
 
+def read_lr_selection(text: str, where: str = "lr_selection.json") -> dict:
+    """The file ``lora-lab run --select-lr`` writes: ``{"corpus", "profile", "seed", "runs", "table"}``
+    with :func:`lr_sweep`'s runs, checked (every problem named, with what to do)."""
+    import json
+
+    hint = "write it again with `lora-lab run --select-lr`"
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{where} is not JSON ({error}); {hint}") from None
+    missing = [key for key in ("corpus", "profile", "seed", "runs") if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}; {hint}")
+    problems = []
+    keys = {"method", "lr", "steps", "target_ppl", "source_ppl", "diverged"}
+    for i, run in enumerate(data["runs"] if isinstance(data["runs"], list) else [None]):
+        if not isinstance(run, dict) or not keys <= set(run):
+            problems.append(f"runs[{i}] is not a run of lr_sweep")
+        elif not run["diverged"] and not all(isinstance(run[k], (int, float)) and math.isfinite(run[k]) and run[k] >= 1
+                                             for k in ("target_ppl", "source_ppl")):  # fmt: skip
+            problems.append(f"runs[{i}] ({run['method']}, lr {run['lr']}): perplexities must be finite and ≥ 1")
+    if problems or not data["runs"]:
+        raise ValueError(f"{where}: {'; '.join(problems) or 'no runs'}; {hint}")
+    return data
+
+
 def lr_table(runs: Sequence[Mapping]) -> str:
     """:func:`lr_sweep`'s runs (one method or several) as a Markdown table, best lr per method marked."""
     lines = ["| method | lr | steps | target ppl | source ppl |", "|---|---:|---:|---:|---:|"]
@@ -153,6 +181,46 @@ def lr_table(runs: Sequence[Mapping]) -> str:
             lines.append(f"| {run['method']} | {run['lr']:g}{mark} | {run['steps']} | {run['target_ppl']:.3f} | "
                          f"{run['source_ppl']:.3f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def plot_lr_frontier(runs: Sequence[Mapping], floors: Mapping[str, float] | None = None):
+    """What each learning rate of :func:`lr_sweep` bought and cost: target perplexity (learning)
+    against source perplexity (forgetting), one line per method through its learning rates, each
+    point labelled with its lr and the chosen one (lowest target perplexity) ringed. A method whose
+    line lies to the left of another's forgets less at the same target perplexity."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    from .figures import LABELS, MODEL_COLORS, figure_legend, readable
+
+    @readable
+    def draw():
+        fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
+        for n, method in enumerate(dict.fromkeys(run["method"] for run in runs)):
+            done = sorted((r for r in runs if r["method"] == method and not r["diverged"]), key=lambda r: r["lr"])
+            color = MODEL_COLORS.get(method, f"C{n}")
+            label = f"{LABELS.get(method, method)}: lr {done[0]['lr']:g} to {done[-1]['lr']:g}"
+            ax.plot([r["source_ppl"] for r in done], [r["target_ppl"] for r in done], marker="o", color=color,
+                    label=label)  # fmt: skip
+            chosen = best_lr(done)
+            offset = (6, 7) if n % 2 == 0 else (6, -17)  # one method's labels above its points, the other's below
+            for r in done:
+                ax.annotate(f"{r['lr']:g}", (r["source_ppl"], r["target_ppl"]), xytext=offset,
+                            textcoords="offset points", fontsize=12, color=color)  # fmt: skip
+                if r["lr"] == chosen:
+                    ax.scatter([r["source_ppl"]], [r["target_ppl"]], s=300, facecolors="none", edgecolors=color, lw=2)
+        if floors:
+            ax.axhline(floors["target"], color="k", lw=0.8, label="target entropy floor")
+        ax.set_xscale("log")
+        ax.margins(x=0.08, y=0.12)  # room for the labels at the ends
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if round(x) in (2, 3, 5, 7, 20, 30) else ""))
+        ax.set(xlabel="source perplexity (forgetting →, log scale)", ylabel="target perplexity (← learning)",
+               title="Each learning rate: what it learned, what it forgot (ringed: chosen)")  # fmt: skip
+        figure_legend(fig, ncols=2)
+        return fig
+
+    return draw()
 
 
 def recipe_ablation(exp: Experiment, base: TrainedModel, *, epochs: float | None = None) -> list[dict]:

@@ -136,8 +136,11 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 @readable
 def plot_loss_curves(histories: Mapping[str, TrainHistory], floors: Mapping[str, float] | None = None) -> Figure:
-    """Left: pretraining on the source; right: fine-tuning runs on the target (validation
-    loss in nats/char). Dashed lines: the entropy floors, when known."""
+    """Left: pretraining on the source; right: fine-tuning runs on the target. Dashed lines: the
+    entropy floors, when known. With the target's floor known and every fine-tuning run above it,
+    the right panel shows the validation loss *above the floor* on a log axis (as
+    :func:`plot_perplexities` does): runs that end a hundredth of a nat apart, near the floor,
+    then end visibly apart instead of on one line."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     if "base" in histories:
         h = histories["base"]
@@ -146,13 +149,22 @@ def plot_loss_curves(histories: Mapping[str, TrainHistory], floors: Mapping[str,
         if floors:
             left.axhline(math.log(floors["source"]), ls="--", color="k", lw=1, label="entropy floor")
     left.set(title="Pretraining on the source part (80%)", xlabel="step", ylabel="loss (nats/char)")
-    for name, h in histories.items():
-        if name != "base" and h.val_loss:
-            style = LINE_STYLES.get(name, {"marker": "o", "ls": "-"})
-            right.plot(*zip(*h.val_loss), color=MODEL_COLORS.get(name), label=LABELS.get(name, name), **style)
-    if floors:
-        right.axhline(math.log(floors["target"]), ls="--", color="k", lw=1, label="entropy floor")
-    right.set(title="Fine-tuning on the target part (20%)", xlabel="step", ylabel="validation loss (nats/char)")
+    runs = {name: h for name, h in histories.items() if name != "base" and h.val_loss}
+    floor = math.log(floors["target"]) if floors else None
+    excess = floor is not None and all(loss > floor for h in runs.values() for _, loss in h.val_loss)
+    for name, h in runs.items():
+        style = LINE_STYLES.get(name, {"marker": "o", "ls": "-"})
+        steps, losses = zip(*h.val_loss)
+        y = [loss - floor for loss in losses] if excess else losses
+        right.plot(steps, y, color=MODEL_COLORS.get(name), label=LABELS.get(name, name), **style)
+    if excess:
+        right.set_yscale("log")
+        right.set(title="Fine-tuning on the target part (20%)", ylabel="nats/char above the floor")
+    else:
+        if floor is not None:
+            right.axhline(floor, ls="--", color="k", lw=1, label="entropy floor")
+        right.set(title="Fine-tuning on the target part (20%)", ylabel="validation loss (nats/char)")
+    right.set_xlabel("step")
     figure_legend(fig)
     return fig
 
@@ -209,13 +221,15 @@ def plot_perplexities(models: Mapping[str, ModelEntry], floors: Mapping[str, flo
 
 
 def _plot_excess(models: Mapping[str, ModelEntry], floors: Mapping[str, float]) -> Figure:
-    """One dot per model at its excess loss over the floor. The excesses span orders of magnitude
-    (the base model's 3 nats against fine-tuned models' 0.02), so the axis is logarithmic and the
-    models are dots, not bars, which on a log axis would grow from an arbitrary baseline. A model
-    at or below the floor (a bug, see notebook 03) cannot sit on a log axis: the panel then uses a
-    linear one and says so."""
+    """One dot per model at its excess loss over the floor, target above source. The excesses span
+    orders of magnitude (the base model's 3 nats against fine-tuned models' 0.02), so the axis is
+    logarithmic and the models are dots, not bars, which on a log axis would grow from an arbitrary
+    baseline. A model at or below the floor (a bug, see notebook 03) cannot sit on a log axis: the
+    panel then uses a linear one and says so."""
     names = list(models)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    # One panel above the other, each the figure's full width: five models' two-line labels and
+    # tick labels ("full\nfine-tuning") need ~1.5 in each, twice what a side-by-side panel gives.
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7.6), layout="constrained")
     for ax, split in zip(axes, ("target", "source")):
         ppls = [models[n][f"{split}_ppl"] for n in names]
         excess = [math.log(p) - math.log(floors[split]) for p in ppls]
@@ -259,12 +273,18 @@ def _reference_lines(
     data: Sequence[float] | None = None,
     *,
     fit_axis: bool = True,
+    lora_rank: int | None = None,
 ) -> list[str]:
     """Horizontal lines for the reference models and the entropy floor. Given the plotted
     ``data``, a reference far above it (the base model, whose target perplexity would squash
     every difference the sweep shows) is not drawn: it is returned as a note ("base 47.238")
     for the panel's title instead; with ``fit_axis`` the y-axis is also fitted to the data and
-    the lines near it (bar charts keep their zero baseline)."""
+    the lines near it (bar charts keep their zero baseline).
+
+    Tuned LoRA and full fine-tuning may end within a percent of each other, i.e. on one line at
+    the axis' scale. Given the tuned recipe's ``lora_rank``, tuned LoRA is therefore a star at
+    that rank (one run, fully trained) on top of full fine-tuning's wide band; without it, a
+    dotted line over the band, with a marker at each rank drawn."""
     reference = model_entries(reference)
     lines = {"entropy floor": (floors[split], "-", "k", "entropy floor")} if floors else {}
     for name, style in _REFERENCE_STYLES.items():
@@ -281,6 +301,17 @@ def _reference_lines(
     for label, (value, style, color, short) in lines.items():
         if shown and value > high:
             notes.append(f"{short} {value:.3f}")
+        elif color == MODEL_COLORS["lora"]:
+            if lora_rank is not None:
+                ax.plot([lora_rank], [value], ls="none", marker="*", markersize=17, color=color,
+                        markeredgecolor="k", zorder=5, label=f"{label} (r = {lora_rank}, fully trained)")  # fmt: skip
+            else:  # at the x of the points already drawn (bar charts have none: a plain line)
+                xs = sorted({float(x) for line in ax.get_lines() for x in line.get_xdata()})
+                if xs:
+                    ax.plot(xs, [value] * len(xs), ls=style, color=color, lw=1.2, marker="D", markersize=5,
+                            zorder=4, label=label)  # fmt: skip
+                else:
+                    ax.axhline(value, ls=style, color=color, lw=1.2, zorder=4, label=label)
         else:
             wide = color == MODEL_COLORS["full"]  # drawn under the others, so a line on top of it stays visible
             ax.axhline(
@@ -310,12 +341,14 @@ def plot_rank_sweep(
     floors: Mapping[str, float] | None = None,
     *,
     others: Mapping[str, Sequence[Mapping]] | None = None,
+    lora_rank: int | None = None,
 ) -> Figure:
     """Target (left) and source (right) perplexity against the rank (log scale), with the
     reference models of ``reference`` (the run's measured models: base, lora, full) as
-    horizontal lines and further series ``others`` (``{label: runs}``, e.g. an rsLoRA sweep)
-    dashed. Without source perplexities the right panel shows trainable parameters. One legend
-    for both panels sits under them."""
+    horizontal lines, tuned LoRA as a star at its rank ``lora_rank`` when given, and further
+    series ``others`` (``{label: runs}``, e.g. an rsLoRA sweep) dashed. Without source
+    perplexities the right panel shows trainable parameters. One legend for both panels sits
+    under them."""
     series = {"LoRA, α fixed" if _alpha_fixed(runs) else "LoRA": runs, **(others or {})}
     ranks = sorted({run["rank"] for group in series.values() for run in group})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
@@ -332,9 +365,8 @@ def plot_rank_sweep(
             ax.set(ylabel="parameters", yscale="log")
             _title(ax, "Trainable parameters, r·Σ(d_in + d_out)")
         else:
-            notes = _reference_lines(
-                ax, split, reference, floors, [run[key] for group in series.values() for run in group]
-            )
+            data = [run[key] for group in series.values() for run in group]
+            notes = _reference_lines(ax, split, reference, floors, data, lora_rank=lora_rank)
             ax.set_ylabel("perplexity per character")
             word = "Target perplexity (fine-tuning)" if split == "target" else "Source perplexity (forgetting)"
             _title(ax, word, notes)

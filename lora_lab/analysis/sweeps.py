@@ -330,7 +330,7 @@ def write_sweep_outputs(
     if full_deltas and lora_deltas and lora_rank:
         sweep["spectrum"] = {"rank": lora_rank, "by_layer_type": spectrum_summary(full_deltas, lora_deltas, lora_rank)}
     text = json_text(sweep)
-    files = {"rank_sweep.png": _png(plot_rank_sweep(ordered, reference, floors))}
+    files = {"rank_sweep.png": _png(plot_rank_sweep(ordered, reference, floors, lora_rank=lora_rank))}
     if full_deltas:
         files["spectrum.png"] = _png(plot_spectrum(full_deltas, lora_deltas))
     files["sweep.json"] = text.encode("utf-8")

@@ -128,11 +128,18 @@ def check_forgetting_prediction(predicted: object, measured: Experiment | Mappin
     gap, guessed_gap = truth["full"] - truth["lora"], guess["full"] - guess["lora"]
     if abs(gap) >= _ORDER_TIE and not guessed_gap * gap > 0:
         more = "full fine-tuning" if gap > 0 else "LoRA"
+        hint = (
+            "at (nearly) equal target perplexity, which method can move more of the model: a rank-r update of "
+            "the linear layers, or every weight, embeddings and LayerNorms included?"
+            if gap > 0
+            else "forgetting follows how far training moves the model, not how many weights it may move: compare "
+            "the steps each method takes (its learning rate, and for LoRA the scale α/r too), each picked by the "
+            "same sweep for the target alone"
+        )
         result.fail(
             f"you predicted {'equal forgetting' if guessed_gap == 0 else 'the other order'}; measured: {shown} "
             f"({more} forgets more by {abs(gap):.2f} nats)",
-            "at (nearly) equal target perplexity, which method can move more of the model: a rank-r update of "
-            "the linear layers, or every weight, embeddings and LayerNorms included?",
+            hint,
         )
     else:
         result.ok("the order of the two matches the measurement (or they are within 0.1 nats)")

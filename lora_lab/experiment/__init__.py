@@ -7,7 +7,9 @@
 * :mod:`~lora_lab.experiment.run` — the main job end to end, and its claims;
 * :mod:`~lora_lab.experiment.report` — the files a run writes;
 * :mod:`~lora_lab.experiment.variants` — LoRA's variants compared (``lora-lab variants``), read by
-  :mod:`~lora_lab.experiment.variants_report`.
+  :mod:`~lora_lab.experiment.variants_report`;
+* :mod:`~lora_lab.experiment.rslora_study` — rsLoRA against LoRA, fully trained, over seeds
+  (``lora-lab rslora``).
 """
 
 from .config import PROFILES, LoRARecipe, Profile, get_profile

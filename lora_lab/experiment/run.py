@@ -129,7 +129,9 @@ def run(
             (out / name).unlink(missing_ok=True)
     write_outputs(exp.profile, results, out)
     if lr_runs is not None:
-        atomic_write_text(out / LR_SELECTION_FILE, json_text({"runs": lr_runs, "table": lr_table(lr_runs)}))
+        selection = {"corpus": exp.corpus.name, "profile": exp.profile.name, "seed": exp.profile.seed,
+                     "runs": lr_runs, "table": lr_table(lr_runs)}  # fmt: skip
+        atomic_write_text(out / LR_SELECTION_FILE, json_text(selection))
     else:  # an earlier run's selection would not describe these results
         (out / LR_SELECTION_FILE).unlink(missing_ok=True)
     world.barrier()
