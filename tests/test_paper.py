@@ -192,7 +192,7 @@ def test_every_chapter_has_review_questions_answered_in_the_appendix(built):
     for chapter in ("the method", "why low rank works", "initialisation and scaling", "cost", "the experiment"):
         assert f"Review questions: {chapter} (answers in Section" in flat, chapter
     answers = flat[flat.index("Answers to the review questions") :]
-    assert "6144numbers" in _squash(answers) and "12.5%" in answers
+    assert "6,144numbers" in _squash(answers) and "131,072inW" in _squash(answers) and "12.5%" in answers
 
 
 def test_the_benchmark_appendix_reports_missed_goals(built):
@@ -785,7 +785,7 @@ def test_a_comparison_is_stated_only_beyond_the_seed_spread(tmp_path, offsets, e
     assert expected in flat and absent not in flat
     assert "3 seeds." in flat and "± " in flat  # the critical-reading item and the table's mean ± spread
     lora = results["across_seeds"]["lora"]["source_ppl"]
-    assert f"{lora['mean']:.3f} ± {max(lora['max'] - lora['mean'], lora['mean'] - lora['min']):.3f}" in flat
+    assert Spread.of(lora["values"]).format() in flat  # the PDF prints mean ± d as lora_lab does
 
 
 def test_a_single_seed_decides_no_comparison(built):

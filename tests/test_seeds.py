@@ -72,7 +72,7 @@ def test_table_and_report_quote_mean_and_spread(two_seeds, capsys):
     root, _, two = two_seeds
     report = (root / "two" / "report.md").read_text()
     spread = two.across_seeds["lora"]["target_ppl"]
-    assert f"| lora | {spread.mean:.3f} ± {spread.deviation:.3f} |" in report
+    assert f"| lora | {spread.format()} |" in report
     assert "Seeds 0, 1" in report and "largest distance of a seed" in report
     one_report = (root / "one" / "report.md").read_text()
     assert "One seed (0)" in one_report and " ± " not in one_report.split("## Reading")[0]
@@ -82,7 +82,7 @@ def test_table_and_report_quote_mean_and_spread(two_seeds, capsys):
     args = ["run", "--profile", "smoke", "--seeds", "2", "--out", str(root / "cli"), "--cache", str(root / "cache"),
             "--no-progress"]  # fmt: skip
     assert cli.main(args) == 0
-    assert f"{spread.mean:.3f} ± {spread.deviation:.3f}" in capsys.readouterr().out
+    assert spread.format() in capsys.readouterr().out
     assert cli.main([*args[:3], "--seeds", "0", *args[5:]]) == 2
     assert "number of seeds must be a positive int" in capsys.readouterr().err
 
@@ -152,8 +152,12 @@ def test_results_json_checks_its_format_and_seeds(two_seeds):
 def test_spread_and_seed_list():
     spread = Spread.of([1.0, 2.0, 4.0])
     assert (spread.mean, spread.low, spread.high) == (7 / 3, 1.0, 4.0)
-    assert spread.deviation == pytest.approx(5 / 3) and spread.format(".2f") == "2.33 ± 1.67"
+    assert spread.deviation == pytest.approx(5 / 3) and spread.format(2) == "2.33 ± 1.67"
     assert Spread.of([1.5]).format() == "1.500"
+    # ± is rounded up from the printed mean, so that every seed lies inside the interval as printed:
+    validity = Spread.of([0.8554, 0.8289, 0.8108])  # mean 83.2%: ± 2.4 would print as "± 2", leaving 85.5% out
+    assert validity.format(0, scale=100, unit="%") == "83% ± 3"
+    assert Spread.of([1.6131, 1.612, 1.6203]).format() == "1.615 ± 0.006"  # 1.6203 - 1.615 = 0.0053: up to 0.006
     with pytest.raises(ValueError, match="at least one finite value"):
         Spread.of([])
     assert seed_list(0, 3) == [0, 1, 2] and seed_list(5, 2) == [5, 6]

@@ -46,9 +46,7 @@ def format_table(results: RunResults) -> str:
 
 
 def _percent(spread: Spread) -> str:
-    if len(spread.values) == 1:
-        return f"{spread.mean:.0%}"
-    return f"{spread.mean:.0%} ± {100 * spread.deviation:.0f}"
+    return spread.format(0, scale=100, unit="%")
 
 
 def seeds_line(results: RunResults) -> str:

@@ -13,8 +13,8 @@ samples with ``s + i`` for prompt ``i``, exactly as a one-seed run with ``--set 
 
 The spread is the **range**: the lowest and the highest value over the seeds. With three seeds a
 standard deviation would itself be a noisy estimate; the range hides nothing. Tables print
-``mean ± d`` where ``d`` is the largest distance of any seed from the mean, so every seed lies
-inside the interval printed. Claims (:func:`lora_lab.experiment.run.claims`) are judged at the
+``mean ± d`` where ``d`` is the largest distance of any seed from the printed mean, rounded up
+at the printed precision, so every seed lies inside the interval as printed. Claims (:func:`lora_lab.experiment.run.claims`) are judged at the
 unfavourable end of each range.
 """
 
@@ -61,11 +61,18 @@ class Spread:
         """The largest distance of a seed from the mean: every seed lies in mean ± deviation."""
         return max(self.high - self.mean, self.mean - self.low)
 
-    def format(self, spec: str = ".3f") -> str:
-        """``mean ± deviation`` (just the value when there is one seed)."""
+    def format(self, digits: int = 3, *, scale: float = 1.0, unit: str = "") -> str:
+        """``mean ± d`` with ``digits`` decimals (just the value when there is one seed), of the
+        values times ``scale`` (100 for percentages, with ``unit="%"``). ``d`` is rounded *up* from
+        the largest distance of a seed to the *printed* mean, so that every seed lies inside the
+        interval as printed: 83.2% with seeds from 81.1% to 85.5% prints "83% ± 3", not "± 2"."""
+        mean, low, high = (scale * v for v in (self.mean, self.low, self.high))
+        shown = round(mean, digits)
         if len(self.values) == 1:
-            return format(self.mean, spec)
-        return f"{format(self.mean, spec)} ± {format(self.deviation, spec)}"
+            return f"{shown:.{digits}f}{unit}"
+        step = 10.0**-digits
+        d = math.ceil(max(high - shown, shown - low) / step - 1e-9) * step  # 1e-9: a float's last bit is no excess
+        return f"{shown:.{digits}f}{unit} ± {d:.{digits}f}"
 
     def to_dict(self) -> dict:
         return {"values": list(self.values), "mean": self.mean, "min": self.low, "max": self.high}

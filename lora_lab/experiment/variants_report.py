@@ -29,8 +29,8 @@ def format_variants(results: VariantsResults) -> str:
         valid = f"{100 * v.mean('valid_rate'):.0f}%" if v._values("valid_rate") else "—"
         frozen = format_bytes(v.frozen_bytes) if v.frozen_bytes else "— (all trained)"
         lines.append(
-            f"| {v.label} | {v.lr:g} | {v.mean('target_ppl'):.3f} ± {v.spread('target_ppl'):.3f} "
-            f"| {results.nats_to_floor(v.name):.4f} | {v.mean('source_ppl'):.2f} ± {v.spread('source_ppl'):.2f} "
+            f"| {v.label} | {v.lr:g} | {v.seed_spread('target_ppl').format(3)} "
+            f"| {results.nats_to_floor(v.name):.4f} | {v.seed_spread('source_ppl').format(2)} "
             f"| {valid} | {v.trainable_params:,} | {frozen} | {_step_ratio(v.step_time_ratio)} |"
         )
     return "\n".join(lines)
