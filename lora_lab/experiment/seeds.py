@@ -14,8 +14,8 @@ samples with ``s + i`` for prompt ``i``, exactly as a one-seed run with ``--set 
 The spread is the **range**: the lowest and the highest value over the seeds. With three seeds a
 standard deviation would itself be a noisy estimate; the range hides nothing. Tables print
 ``mean ± d`` where ``d`` is the largest distance of any seed from the printed mean, rounded up
-at the printed precision, so every seed lies inside the interval as printed. Claims (:func:`lora_lab.experiment.run.claims`) are judged at the
-unfavourable end of each range.
+at the printed precision, so every seed lies inside the interval as printed. Claims
+(:func:`lora_lab.experiment.run.claims`) are judged at the unfavourable end of each range.
 """
 
 from __future__ import annotations
