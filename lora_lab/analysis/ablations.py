@@ -22,6 +22,7 @@ about the recipes the main job compares.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 
@@ -146,8 +147,6 @@ def select_lrs(
 def read_lr_selection(text: str, where: str = "lr_selection.json") -> dict:
     """The file ``lora-lab run --select-lr`` writes: ``{"corpus", "profile", "seed", "runs", "table"}``
     with :func:`lr_sweep`'s runs, checked (every problem named, with what to do)."""
-    import json
-
     hint = "write it again with `lora-lab run --select-lr`"
     try:
         data = json.loads(text)

@@ -159,12 +159,10 @@ def plot_loss_curves(histories: Mapping[str, TrainHistory], floors: Mapping[str,
         right.plot(steps, y, color=MODEL_COLORS.get(name), label=LABELS.get(name, name), **style)
     if excess:
         right.set_yscale("log")
-        right.set(title="Fine-tuning on the target part (20%)", ylabel="nats/char above the floor")
-    else:
-        if floor is not None:
-            right.axhline(floor, ls="--", color="k", lw=1, label="entropy floor")
-        right.set(title="Fine-tuning on the target part (20%)", ylabel="validation loss (nats/char)")
-    right.set_xlabel("step")
+    elif floor is not None:
+        right.axhline(floor, ls="--", color="k", lw=1, label="entropy floor")
+    right.set(title="Fine-tuning on the target part (20%)", xlabel="step",
+              ylabel="nats/char above the floor" if excess else "validation loss (nats/char)")  # fmt: skip
     figure_legend(fig)
     return fig
 
@@ -286,22 +284,23 @@ def _reference_lines(
     that rank (one run, fully trained) on top of full fine-tuning's wide band; without it, a
     dotted line over the band, with a marker at each rank drawn."""
     reference = model_entries(reference)
-    lines = {"entropy floor": (floors[split], "-", "k", "entropy floor")} if floors else {}
+    # label -> (model, value, line style, colour, short name); the floor is no model
+    lines = {"entropy floor": (None, floors[split], "-", "k", "entropy floor")} if floors else {}
     for name, style in _REFERENCE_STYLES.items():
         if name in reference and f"{split}_ppl" in reference[name]:
             value = reference[name][f"{split}_ppl"]
-            lines[LABELS.get(name, name)] = (value, style, MODEL_COLORS[name], _SHORT_NAMES[name])
+            lines[LABELS.get(name, name)] = (name, value, style, MODEL_COLORS[name], _SHORT_NAMES[name])
     notes = []
     shown = [v for v in data or () if math.isfinite(v)]  # a run without a source perplexity plots NaN
     if shown:
-        near = [value for value, *_ in lines.values() if value <= 1.5 * max(shown)]
+        near = [value for _, value, *_ in lines.values() if value <= 1.5 * max(shown)]
         low, high = min(shown + near), max(shown + near)
         if fit_axis:
             ax.set_ylim(low - 0.08 * (high - low), high + 0.08 * (high - low))
-    for label, (value, style, color, short) in lines.items():
+    for label, (name, value, style, color, short) in lines.items():
         if shown and value > high:
             notes.append(f"{short} {value:.3f}")
-        elif color == MODEL_COLORS["lora"]:
+        elif name == "lora":
             if lora_rank is not None:
                 ax.plot([lora_rank], [value], ls="none", marker="*", markersize=17, color=color,
                         markeredgecolor="k", zorder=5, label=f"{label} (r = {lora_rank}, fully trained)")  # fmt: skip
@@ -313,13 +312,13 @@ def _reference_lines(
                 else:
                     ax.axhline(value, ls=style, color=color, lw=1.2, zorder=4, label=label)
         else:
-            wide = color == MODEL_COLORS["full"]  # drawn under the others, so a line on top of it stays visible
+            wide = name == "full"  # drawn under the others, so a line on top of it stays visible
             ax.axhline(
                 value,
                 ls="-" if wide else style,
                 color=color,
                 label=label,
-                lw=4.0 if wide else (1.2 if color != "k" else 0.8),
+                lw=4.0 if wide else (0.8 if name is None else 1.2),
                 alpha=0.45 if wide else 1.0,
                 zorder=1 if wide else 2,
             )

@@ -27,7 +27,7 @@ from ..analysis.low_rank import subspace_similarity
 from ..experiment.config import LoRARecipe
 from ..experiment.stages import Experiment, full_finetuned, lora_finetuned, pretrained_base
 from ..training import perplexity
-from .result import CheckResult, _attempt, _is_number, _printed, _private_rng, _title
+from .result import CheckResult, _attempt, _is_number, _printed, _private_rng, _scalar, _title
 
 __all__ = [
     "check_forgetting_prediction",
@@ -225,8 +225,7 @@ def check_subspace_similarity(fn: Callable[[torch.Tensor, torch.Tensor, int, int
             if not (torch.equal(A1, before[0]) and torch.equal(A2, before[1])):
                 result.fail(f"{call} changed A1 or A2", "compute on the matrices; do not modify them in place")
                 return _printed(result)
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
+            value = _scalar(value)
             if not _is_number(value):
                 result.fail(f"{call} returned {type(value).__name__}, not a number", "return φ as a float")
                 return _printed(result)
@@ -249,8 +248,7 @@ def check_subspace_similarity(fn: Callable[[torch.Tensor, torch.Tensor, int, int
         r1, r2, k, i, j = _CASES[1]
         A1, A2 = (torch.randn(r, k, generator=generator) for r in (r1, r2))
         forward, (error, backward) = subspace_similarity(A1, A2, i, j), _attempt(fn, A2, A1, j, i)
-        if isinstance(backward, torch.Tensor) and backward.numel() == 1:
-            backward = backward.item()
+        backward = _scalar(backward)
         if error is not None or not _is_number(backward) or abs(backward - forward) > 1e-4:
             result.fail(f"fn(A2, A1, j={j}, i={i}) gives {error or backward}, not φ(A1, A2, {i}, {j}) = {forward:.4f}",
                         "swap nothing by hand: the first matrix gives U^i, the second U^j")  # fmt: skip

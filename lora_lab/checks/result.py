@@ -161,6 +161,11 @@ def _is_number(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _scalar(value: object) -> object:
+    """A one-element tensor as its Python number (what ``.item()`` gives); anything else as it is."""
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
 def _fmt(number: float) -> str:
     return f"{number:g}"
 

@@ -22,7 +22,7 @@ from ..lora import apply_lora_to_model
 from ..model import GPT, GPTConfig
 from ..training.loop import TrainConfig, train
 from ..training.metrics import evaluation_windows, perplexity
-from .result import CheckResult, _attempt, _is_number, _run_check, _title
+from .result import CheckResult, _attempt, _is_number, _run_check, _scalar, _title
 
 _VOCAB, _BLOCK = 7, 8
 _LOOP = {"block_size": _BLOCK, "batch_size": 4, "epochs": 2.0, "lr": 3e-3, "seed": 5}
@@ -199,8 +199,7 @@ def _check_perplexity(result: CheckResult, fn: Callable, generator: torch.Genera
     if error is not None:
         result.fail(f"fn(model, data, block_size) {error}", "loop over evaluation_windows(len(data), block_size)")
         return
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
+    value = _scalar(value)
     if not _is_number(value):
         result.fail(f"fn returned {type(value).__name__}, not a number", "return math.exp(total / count), a float")
         return

@@ -187,11 +187,6 @@ class VariantSummary:
     def mean(self, metric: str) -> float:
         return self.seed_spread(metric).mean
 
-    def spread(self, metric: str) -> float:
-        """The largest distance of a seed's value from the mean (0 for one seed): the "± d" of
-        results.json's tables and the PDF, so the two tables read alike."""
-        return self.seed_spread(metric).deviation
-
     def span(self, metric: str) -> tuple[float, float]:
         spread = self.seed_spread(metric)
         return spread.low, spread.high
