@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ SETTINGS_KEY = "lora_lab.adapter_config"
 # Float32: PEFT computes B(A(x))·s, lora_lab (x Aᵀ·s) Bᵀ. The two orders round differently, by up
 # to ~1e-6 on logits of size ~1 (measured), while the adapters change the logits by more than 0.1.
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+# The type of tests/conftest.py's no_warnings fixture: ``with no_warnings(): ...`` fails on any warning inside.
+NoWarnings = Callable[[], contextlib.AbstractContextManager[None]]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -151,14 +154,6 @@ def assert_adapter_matters(adapted: torch.Tensor, base: torch.Tensor) -> None:
     assert (adapted - base).abs().max() > 0.1
 
 
-@contextlib.contextmanager
-def no_warnings() -> Iterator[None]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
-
-
 def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
     params = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     return params, {name: layer.merged for name, layer in lora_modules(model).items()}
@@ -181,12 +176,24 @@ def replace_layer(model: nn.Module, name: str, **options) -> None:
     setattr(model.get_submodule(parent), child, type(layer)(layer.original_layer, **options))
 
 
+def test_no_warnings_passes_only_torchs_notices_about_itself(no_warnings: NoWarnings) -> None:
+    """The guard the interop tests rely on: a warning from anywhere but torch's own files fails."""
+    torch_file = str(Path(torch.__file__).parent / "utils" / "mkldnn.py")
+    with no_warnings():
+        warnings.warn_explicit("script_method is deprecated", DeprecationWarning, torch_file, 19)
+    for category, filename in [(UserWarning, torch_file), (DeprecationWarning, peft.__file__)]:
+        with pytest.raises(AssertionError, match="Found missing adapter keys"), no_warnings():
+            warnings.warn_explicit("Found missing adapter keys", category, filename, 1)
+
+
 # --- interop with PEFT -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["tiny", "gpt"])
 @pytest.mark.parametrize("case", CASES)
-def test_lora_lab_adapter_gives_same_logits_in_peft(kind: str, case: str, tmp_path: Path) -> None:
+def test_lora_lab_adapter_gives_same_logits_in_peft(
+    kind: str, case: str, tmp_path: Path, no_warnings: NoWarnings
+) -> None:
     base = make_base(kind)
     model = lora_lab_model(base, case)
     x = tokens()
@@ -201,7 +208,9 @@ def test_lora_lab_adapter_gives_same_logits_in_peft(kind: str, case: str, tmp_pa
 
 @pytest.mark.parametrize("kind", ["tiny", "gpt"])
 @pytest.mark.parametrize("case", CASES)
-def test_peft_adapter_gives_same_logits_in_lora_lab(kind: str, case: str, tmp_path: Path) -> None:
+def test_peft_adapter_gives_same_logits_in_lora_lab(
+    kind: str, case: str, tmp_path: Path, no_warnings: NoWarnings
+) -> None:
     rank, alpha, use_rslora, targets = CASES[case]
     base = make_base(kind)
     peft_model = get_peft_model(
@@ -283,7 +292,7 @@ def test_peft_state_dict_keys_with_adapter_name_load(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(model, x), logits(peft_model, x), **TOLERANCE)
 
 
-def test_peft_rank_and_alpha_patterns_are_honoured(tmp_path: Path) -> None:
+def test_peft_rank_and_alpha_patterns_are_honoured(tmp_path: Path, no_warnings: NoWarnings) -> None:
     """PEFT's rank_pattern / alpha_pattern give chosen layers their own r and alpha; load_adapter reads
     them with PEFT's matching rule and accepts the adapter once the model's layers agree."""
     base = make_base("tiny")
@@ -382,7 +391,7 @@ def test_lora_lab_round_trip_is_bit_exact(tmp_path: Path) -> None:
         assert torch.equal(param, target.get_parameter(name)), name
 
 
-def test_merged_layers_save_the_same_adapter(tmp_path: Path) -> None:
+def test_merged_layers_save_the_same_adapter(tmp_path: Path, no_warnings: NoWarnings) -> None:
     """Merging writes W + ΔW into the base weight only; A and B, hence the adapter, are unchanged."""
     base = make_base("tiny")
     model = lora_lab_model(base, "qv-r4-a8-rslora")
