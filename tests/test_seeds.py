@@ -212,3 +212,9 @@ def test_the_report_reads_the_means_over_seeds_not_the_first_seed():
     assert "source perplexity goes 2.100 ± 0.100 → 3.200 ± 0.200 with LoRA and → 2.600 ± 0.100 with full" in text
     first_seed = (40.0 - 10.0) / (40.0 - 1.70)
     assert f"{first_seed:.0%}" not in text and "2.000 →" not in text
+
+
+def test_spreads_are_apart_only_when_every_seed_is():
+    a, b, touching = Spread.of([1.0, 1.2]), Spread.of([1.3, 1.5]), Spread.of([1.2, 1.4])
+    assert a.below(b) and not b.below(a) and not a.overlaps(b) and not b.overlaps(a)
+    assert not a.below(touching) and a.overlaps(touching) and touching.overlaps(a)  # a shared value: no verdict

@@ -81,11 +81,7 @@ class RsLoRAStudy:
         """The method with the lower ``metric`` at ``rank`` when the seeds' ranges do not overlap
         (every seed of one below every seed of the other), else None: the seeds cannot tell."""
         lora, rslora = self.spread("lora", rank, metric), self.spread("rslora", rank, metric)
-        if rslora.high < lora.low:
-            return "rslora"
-        if lora.high < rslora.low:
-            return "lora"
-        return None
+        return "rslora" if rslora.below(lora) else "lora" if lora.below(rslora) else None
 
     def to_json(self) -> str:
         return json_text(dataclasses.asdict(self))

@@ -169,11 +169,11 @@ def claims(results: RunResults) -> dict[str, bool]:
     lora, target, source = TUNED_RECIPE, "target_ppl", "source_ppl"
     worst_gap = high("base", target) - low("full", target)
     checked = {
-        "lora_beats_base_on_target": high(lora, target) < low("base", target),
+        "lora_beats_base_on_target": results.spread(lora, target).below(results.spread("base", target)),
         "lora_within_10pct_of_full": high(lora, target) <= 1.10 * low("full", target),
         "lora_closes_70pct_of_gap": low("base", target) > high("full", target)
         and (low("base", target) - high(lora, target)) >= 0.70 * worst_gap,
-        "lora_forgets_less_than_full": high(lora, source) < low("full", source),
+        "lora_forgets_less_than_full": results.spread(lora, source).below(results.spread("full", source)),
     }
     floors = results.entropy_floor_ppl
     if floors:

@@ -61,6 +61,15 @@ class Spread:
         """The largest distance of a seed from the mean: every seed lies in mean ± deviation."""
         return max(self.high - self.mean, self.mean - self.low)
 
+    def below(self, other: Spread) -> bool:
+        """Whether every seed's value is below every seed's value of ``other``: a difference the
+        seeds resolve (the unfavourable end of each range decides)."""
+        return self.high < other.low
+
+    def overlaps(self, other: Spread) -> bool:
+        """Whether the two ranges share a value: the seeds cannot tell the two apart."""
+        return not (self.below(other) or other.below(self))
+
     def format(self, digits: int = 3, *, scale: float = 1.0, unit: str = "") -> str:
         """``mean ± d`` with ``digits`` decimals (just the value when there is one seed), of the
         values times ``scale`` (100 for percentages, with ``unit="%"``). ``d`` is rounded *up* from

@@ -187,10 +187,6 @@ class VariantSummary:
     def mean(self, metric: str) -> float:
         return self.seed_spread(metric).mean
 
-    def span(self, metric: str) -> tuple[float, float]:
-        spread = self.seed_spread(metric)
-        return spread.low, spread.high
-
 
 @dataclass
 class VariantsResults:

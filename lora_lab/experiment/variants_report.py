@@ -46,14 +46,12 @@ class Difference:
 
 
 def differences_from_lora(results: VariantsResults) -> list[Difference]:
-    lora = results.variant("lora")
-    low, high = lora.span("target_ppl")
+    lora = results.variant("lora").seed_spread("target_ppl")
     out = []
     for v in results.variants:
-        if v.name == "lora":
-            continue
-        v_low, v_high = v.span("target_ppl")
-        out.append(Difference(v.name, v.mean("target_ppl") - lora.mean("target_ppl"), v_low <= high and low <= v_high))
+        if v.name != "lora":
+            spread = v.seed_spread("target_ppl")
+            out.append(Difference(v.name, spread.mean - lora.mean, spread.overlaps(lora)))
     return out
 
 
